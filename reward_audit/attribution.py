@@ -1,0 +1,77 @@
+"""Explaining one wrong reported value: which agents' rewards, from which chunks, make up
+the difference between what RLlib reported and the truth.
+
+For one episode each agent b has two features: its counted rewards in the episode's
+*earlier* chunks (E_b) and in its *final* chunk (F_b). A reported value should be
+Σ_{own} (E_a + F_a). We look for the simplest combination
+
+    difference = Σ_{b not own} (x_b E_b + y_b F_b) − Σ_{a own} (x_a E_a + y_a F_a),  x, y ∈ {0, 1}
+
+that matches within tolerance. Terms from other agents make it a LEAK; missing terms of
+the row's own agents make it a DROP; no combination makes it a MISMATCH. The two shipped
+bugs fall out as patterns: Ray 2.12 = +others' earlier chunks, Ray 2.53 = −final chunks of
+all but one of the module's agents (RLLIB_NOTES §5).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pandas as pd
+
+MAX_AGENTS_EXACT = 6  # 4**6 = 4096 combinations; beyond that, agents are grouped
+
+
+def _terms(features: pd.DataFrame, own: set[str]) -> list[tuple[str, str, float]]:
+    """(agent label, part, signed value) candidates; grouped when there are many agents."""
+    terms = []
+    if len(features) <= MAX_AGENTS_EXACT:
+        for agent, row in features.iterrows():
+            sign = -1.0 if agent in own else 1.0
+            terms.append((str(agent), "earlier", sign * float(row["earlier"])))
+            terms.append((str(agent), "final", sign * float(row["final"])))
+        return terms
+    is_own = features.index.isin(list(own))
+    for label, mask, sign in (("own agents", is_own, -1.0), ("other agents", ~is_own, 1.0)):
+        terms.append((label, "earlier", sign * float(features.loc[mask, "earlier"].sum())))
+        terms.append((label, "final", sign * float(features.loc[mask, "final"].sum())))
+    return terms
+
+
+def explain(difference: float, features: pd.DataFrame, own: set[str], tol: float) -> tuple[str, str]:
+    """Return ``(verdict, explanation)`` for ``reported − truth = difference``."""
+    terms = [t for t in _terms(features, own) if t[2] != 0.0]
+    values = np.array([t[2] for t in terms]) if terms else np.zeros(0)
+    best: list[tuple[int, ...]] = []
+    # Smallest explanations first; stop at the first size that matches.
+    for size in range(1, len(terms) + 1):
+        for combo in itertools.combinations(range(len(terms)), size):
+            if abs(values[list(combo)].sum() - difference) <= tol:
+                best.append(combo)
+        if best:
+            break
+        if size >= 4 and len(terms) > 10:  # keep it cheap; larger sums are reported as MISMATCH
+            break
+    if not best:
+        return "MISMATCH", f"difference {difference:+.6g} is not a sum of any agents' earlier/final-chunk rewards"
+
+    def describe(combo: tuple[int, ...]) -> tuple[str, str]:
+        leak = [terms[i] for i in combo if (terms[i][0] not in own and terms[i][0] != "own agents")]
+        drop = [terms[i] for i in combo if terms[i] not in leak]
+        parts = []
+        if leak:
+            parts.append("+ " + " + ".join(f"agent {a}'s {p}-chunk rewards ({v:+.6g})" for a, p, v in leak))
+        if drop:
+            parts.append("− " + " − ".join(f"agent {a}'s {p}-chunk rewards ({-v:+.6g})" for a, p, v in drop))
+        verdict = "LEAK" if leak else "DROP"
+        text = "reported = truth " + " ".join(parts)
+        if leak and drop:
+            text += " (also drops own rewards)"
+        return verdict, text
+
+    verdict, text = describe(best[0])
+    others = {describe(c)[1] for c in best[1:]} - {text}
+    if others:
+        text += f"; equally explained by {len(others)} other combination(s), e.g. {sorted(others)[0][len('reported = truth '):]}"
+    return verdict, text

@@ -1,0 +1,176 @@
+"""``RewardAuditCallback``: the only RLlib-facing class users touch.
+
+    from reward_audit import RewardAuditCallback
+    config = PPOConfig().environment(MyEnv).multi_agent(...).callbacks(RewardAuditCallback)
+
+It is thin: every hook hands its arguments to the capture adapter (``capture/``) and the
+driver-side collector. It never raises into training: a failure inside reward_audit is
+logged loudly (``logging.getLogger("reward_audit")``, ERROR with traceback), counted in
+the run's manifest (``capture_failures``), and training continues.
+
+Where the data goes (first that applies):
+
+1. ``$REWARD_AUDIT_DIR`` — a base folder (each Tune trial gets a sub-folder);
+2. ``config.callbacks(RewardAuditCallback.writing_to("s3://bucket/runs"))`` — same rule,
+   any ``pyarrow.fs`` URI or local path;
+3. next to the run: ``<Tune trial dir>/reward_audit`` under Tune, else
+   ``<algorithm.logdir>/reward_audit``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Callable
+
+from ray.rllib.algorithms.callbacks import DefaultCallbacks
+
+from .capture import detect
+from .capture.base import RECORDER_ATTR, Adapter
+from .collector import Collector
+from .errors import UnsupportedRayError
+from .schema import Phase
+
+logger = logging.getLogger("reward_audit")
+
+
+def _never_raise(hook: Callable) -> Callable:
+    @functools.wraps(hook)
+    def guarded(self: "RewardAuditCallback", *args: Any, **kwargs: Any) -> None:
+        if self._disabled:
+            return
+        try:
+            hook(self, *args, **kwargs)
+        except Exception:
+            self._failures += 1
+            runner = kwargs.get("env_runner") or kwargs.get("worker")
+            recorder = getattr(runner, RECORDER_ATTR, None) if runner is not None else None
+            if recorder is not None:
+                recorder.failures += 1
+            logger.exception("reward_audit: %s failed; training continues but this run's audit may be incomplete", hook.__name__)
+
+    return guarded
+
+
+class RewardAuditCallback(DefaultCallbacks):
+    """Records the env's raw per-agent rewards and RLlib's reported returns to Parquet.
+
+    After training, ``reward-audit compare <trial dir>`` prints, per phase, module and agent::
+
+        phase  kind    key  episodes  truth    reported  diff  verdict
+        train  module  p0   12        30.000   30.000    0     CLEAN
+    """
+
+    #: Base folder or URI for the audit data; set through ``writing_to``.
+    OUTPUT: str | None = None
+
+    @classmethod
+    def writing_to(cls, path_or_uri: str) -> type["RewardAuditCallback"]:
+        """A subclass that writes under ``path_or_uri`` (local path or ``pyarrow.fs`` URI).
+
+        Built at runtime with a local qualified name, so cloudpickle ships it to remote
+        actors by value, ``OUTPUT`` included.
+        """
+        configured = type(cls.__name__, (cls,), {"OUTPUT": str(path_or_uri), "__module__": cls.__module__})
+        configured.__qualname__ = f"{cls.__qualname__}.writing_to.<locals>.{cls.__name__}"
+        return configured
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._adapter: Adapter | None = None
+        self._collector: Collector | None = None
+        self._disabled = False
+        self._failures = 0
+
+    # ------------------------------------------------------------------ helpers
+
+    def _adapter_for(self, config: Any) -> Adapter | None:
+        if self._adapter is None:
+            try:
+                self._adapter = detect(config)
+            except UnsupportedRayError as e:
+                logger.error("reward_audit: %s; nothing will be recorded", e)
+                self._disabled = True
+                return None
+        return self._adapter
+
+    def _runner_recorder(self, kwargs: dict) -> Any:
+        runner = kwargs.get("env_runner") or kwargs.get("worker")
+        adapter = self._adapter_for(runner.config)
+        return adapter, (adapter.recorder_for(runner) if adapter else None)
+
+    # ------------------------------------------------------------------ driver hooks
+
+    @_never_raise
+    def on_algorithm_init(self, *, algorithm: Any, **kwargs: Any) -> None:
+        adapter = self._adapter_for(algorithm.config)
+        if adapter is not None:
+            self._collector = Collector(adapter, algorithm, self.OUTPUT)
+
+    @_never_raise
+    def on_train_result(self, *, algorithm: Any, result: dict, **kwargs: Any) -> None:
+        if self._collector is None:  # e.g. restored from a checkpoint without on_algorithm_init
+            self.on_algorithm_init(algorithm=algorithm)
+        if self._collector is None:
+            return
+        iteration = int(result.get("training_iteration", algorithm.iteration))
+        self._collector.collect(algorithm, iteration, (Phase.TRAIN, Phase.EVALUATION))
+        self._collector.record_result(result, iteration)
+
+    @_never_raise
+    def on_evaluate_end(self, *, algorithm: Any, **kwargs: Any) -> None:
+        if self._collector is not None:
+            # Inside train() this is the iteration whose result will carry the evaluation.
+            self._collector.collect(algorithm, int(algorithm.iteration) + 1, (Phase.EVALUATION,))
+
+    # ------------------------------------------------------------------ runner hooks
+
+    @_never_raise
+    def on_environment_created(self, **kwargs: Any) -> None:
+        adapter = self._adapter_for(kwargs["env_runner"].config)
+        if adapter is not None:
+            adapter.on_env(kwargs)
+
+    @_never_raise
+    def on_sub_environment_created(self, **kwargs: Any) -> None:
+        adapter = self._adapter_for(kwargs["worker"].config)
+        if adapter is not None:
+            adapter.on_env(kwargs)
+
+    def _episode_hook(self, kwargs: dict, action: str) -> None:
+        adapter, recorder = self._runner_recorder(kwargs)
+        if recorder is None:
+            return
+        episode, env_index = kwargs["episode"], int(kwargs.get("env_index") or 0)
+        if isinstance(episode, Exception):  # old stack: a faulty sub-env
+            return
+        episode_id = adapter.episode_id(episode, recorder)
+        if action == "begin":
+            recorder.episode_begins(episode_id, env_index, episode)
+        elif action == "step":
+            recorder.episode_step(episode_id, env_index, episode)
+        else:
+            recorder.episode_ends(episode_id, env_index, episode)
+            adapter.reported_at_episode_end(recorder, episode)
+
+    @_never_raise
+    def on_episode_created(self, **kwargs: Any) -> None:
+        self._episode_hook(kwargs, "begin")
+
+    @_never_raise
+    def on_episode_start(self, **kwargs: Any) -> None:
+        self._episode_hook(kwargs, "begin")
+
+    @_never_raise
+    def on_episode_step(self, **kwargs: Any) -> None:
+        self._episode_hook(kwargs, "step")
+
+    @_never_raise
+    def on_episode_end(self, **kwargs: Any) -> None:
+        self._episode_hook(kwargs, "end")
+
+    @_never_raise
+    def on_sample_end(self, **kwargs: Any) -> None:
+        adapter, recorder = self._runner_recorder(kwargs)
+        if recorder is not None:
+            recorder.sample_ends()

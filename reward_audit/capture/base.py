@@ -1,0 +1,216 @@
+"""What every capture adapter shares: the raw-reward tap, the runner's recorder, the
+driver-side collection, output-dir resolution and the manifest. Version ``if``s do not
+live here: an adapter overrides the method whose behaviour differs.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+from typing import Any, Callable
+
+from .. import __version__
+from ..recorder import RunnerRecorder
+from ..schema import AUDIT_DIR_NAME, MANIFEST_NAME, SCHEMA_VERSION, TOOL_NAME, Kind, Phase
+
+logger = logging.getLogger("reward_audit")
+
+RECORDER_ATTR = "_reward_audit_recorder"
+ENV_VAR = "REWARD_AUDIT_DIR"
+
+
+# --------------------------------------------------------------------------- the tap
+
+
+class _TapTarget:
+    """Where a tapped env reports to; updated (not re-wrapped) when RLlib re-creates the runner's env list."""
+
+    __slots__ = ("recorder", "env_index")
+
+    def __init__(self, recorder: RunnerRecorder, env_index: int):
+        self.recorder = recorder
+        self.env_index = env_index
+
+
+def install_tap(env: Any, recorder: RunnerRecorder, env_index: int) -> None:
+    """Wrap ``env.step`` / ``env.reset`` as instance attributes on the object RLlib steps.
+
+    The user's own wrappers (reward shaping) are outside ``env`` and so part of the truth,
+    as they are for RLlib. A tap never raises: a failure is logged and the env's own
+    result is returned unchanged.
+    """
+    target = env.__dict__.get("_reward_audit_tap")
+    if target is not None:
+        target.recorder, target.env_index = recorder, env_index
+        return
+    target = _TapTarget(recorder, env_index)
+    original_step, original_reset = env.step, env.reset
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        result = original_step(*args, **kwargs)
+        try:
+            target.recorder.tap_step(target.env_index, result[0], result[1])
+        except Exception:
+            target.recorder.failures += 1
+            logger.exception("reward_audit: the reward tap failed on env %d; this step's rewards are NOT recorded", target.env_index)
+        return result
+
+    def reset(*args: Any, **kwargs: Any) -> Any:
+        result = original_reset(*args, **kwargs)
+        try:
+            target.recorder.tap_reset(target.env_index, result[0])
+        except Exception:
+            target.recorder.failures += 1
+            logger.exception("reward_audit: the reset tap failed on env %d", target.env_index)
+        return result
+
+    env.step = step
+    env.reset = reset
+    env.__dict__["_reward_audit_tap"] = target
+
+
+def drain_runner(runner: Any) -> dict | None:
+    """Run on every env runner (``foreach_env_runner``): hand over and forget its rows."""
+    recorder = getattr(runner, RECORDER_ATTR, None)
+    return None if recorder is None else recorder.drain()
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        path = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, path + "/"))
+        else:
+            out[path] = v
+    return out
+
+
+def _qualname(fn: Any) -> str | None:
+    if fn is None:
+        return None
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+class Adapter:
+    """The interface every capture adapter implements (see ``capture/__init__.py``)."""
+
+    name = "base"
+    api_stack = "new"
+    # (path prefix or exact path, kind, semantics); a prefix ending in "/" takes the key after it.
+    iteration_paths: tuple[tuple[str, Kind, str], ...] = ()
+
+    # ------------------------------------------------------------- runner side
+
+    def runner_phase_and_index(self, runner: Any) -> tuple[Phase, int]:
+        config = runner.config
+        phase = Phase.EVALUATION if getattr(config, "in_evaluation", False) else Phase.TRAIN
+        return phase, int(getattr(runner, "worker_index", 0) or 0)
+
+    def recorder_for(self, runner: Any) -> RunnerRecorder:
+        recorder = getattr(runner, RECORDER_ATTR, None)
+        if recorder is None:
+            phase, index = self.runner_phase_and_index(runner)
+            recorder = RunnerRecorder(phase, index, self.mapping_of)
+            setattr(runner, RECORDER_ATTR, recorder)
+        return recorder
+
+    def runner_of(self, kwargs: dict) -> Any:
+        return kwargs.get("env_runner") or kwargs.get("worker")
+
+    def mapping_of(self, episode: Any) -> dict:
+        raise NotImplementedError
+
+    def episode_id(self, episode: Any, recorder: RunnerRecorder) -> str:
+        raise NotImplementedError
+
+    def on_env(self, kwargs: dict) -> RunnerRecorder | None:
+        """``on_environment_created`` / ``on_sub_environment_created``: install taps and capture."""
+        raise NotImplementedError
+
+    def reported_at_episode_end(self, recorder: RunnerRecorder, episode: Any) -> None:
+        """Old stack only: RLlib's per-episode values are read in ``on_episode_end``."""
+
+    # ------------------------------------------------------------- driver side
+
+    def runner_groups(self, algorithm: Any) -> list[tuple[Any, Phase]]:
+        groups = []
+        if getattr(algorithm, "env_runner_group", None) is not None:
+            groups.append((algorithm.env_runner_group, Phase.TRAIN))
+        if getattr(algorithm, "eval_env_runner_group", None) is not None:
+            groups.append((algorithm.eval_env_runner_group, Phase.EVALUATION))
+        return groups
+
+    def foreach_runner(self, group: Any, fn: Callable[[Any], Any]) -> list:
+        return group.foreach_env_runner(fn, local_env_runner=True)
+
+    def default_output(self, algorithm: Any) -> tuple[str, Any]:
+        """Tune's trial dir (not ``algorithm.logdir``, a scratch dir under Tune), else the log dir."""
+        storage = getattr(algorithm, "_storage", None)
+        if storage is not None and getattr(storage, "trial_fs_path", None):
+            return f"{storage.trial_fs_path}/{AUDIT_DIR_NAME}", storage.storage_filesystem
+        return os.path.join(algorithm.logdir, AUDIT_DIR_NAME), None
+
+    def trial_name(self, algorithm: Any) -> str | None:
+        storage = getattr(algorithm, "_storage", None)
+        path = getattr(storage, "trial_fs_path", None) if storage is not None else None
+        return os.path.basename(path.rstrip("/")) if path else None
+
+    def config_summary(self, config: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def manifest(self, algorithm: Any) -> dict[str, Any]:
+        import ray
+
+        config = algorithm.config
+        env = getattr(config, "env", None)
+        return {
+            "tool": TOOL_NAME,
+            "schema_version": SCHEMA_VERSION,
+            "reward_audit_version": __version__,
+            "ray_version": ray.__version__,
+            "api_stack": self.api_stack,
+            "adapter": self.name,
+            "algorithm": type(algorithm).__name__,
+            "env": env if isinstance(env, str) or env is None else _qualname(env),
+            "policies": sorted(str(p) for p in (getattr(config, "policies", None) or {})),
+            "policies_to_train": None
+            if getattr(config, "policies_to_train", None) is None or callable(config.policies_to_train)
+            else sorted(str(p) for p in config.policies_to_train),
+            "policy_mapping_fn": _qualname(getattr(config, "policy_mapping_fn", None)),
+            "metrics_num_episodes_for_smoothing": getattr(config, "metrics_num_episodes_for_smoothing", None),
+            "evaluation_interval": getattr(config, "evaluation_interval", None),
+            "iteration_semantics": {p: s for p, _, s in self.iteration_paths},
+            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            **self.config_summary(config),
+        }
+
+    def iteration_rows(self, result: dict, iteration: int) -> list[dict]:
+        """The dashboard numbers of one ``train()`` result (what Tune / TensorBoard show)."""
+        rows = []
+        flat = _flatten(result)
+        for path, value in flat.items():
+            phase = Phase.TRAIN
+            inner = path
+            if path.startswith("evaluation/"):
+                phase, inner = Phase.EVALUATION, path[len("evaluation/"):]
+            for pattern, kind, semantics in self.iteration_paths:
+                if pattern.endswith("/"):
+                    if not inner.startswith(pattern) or "/" in inner[len(pattern):]:
+                        continue
+                    key = inner[len(pattern):]
+                elif inner == pattern:
+                    key = None
+                else:
+                    continue
+                try:
+                    number = float(value)
+                except (TypeError, ValueError):
+                    continue
+                rows.append({"phase": phase.value, "iteration": iteration, "path": path, "kind": kind.value, "key": key, "value": number, "semantics": semantics})
+                break
+        return rows
+
+
+__all__ = ["Adapter", "install_tap", "drain_runner", "ENV_VAR", "MANIFEST_NAME", "RECORDER_ATTR"]

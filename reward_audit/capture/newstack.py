@@ -1,0 +1,109 @@
+"""Capture adapter: RLlib's new API stack, Ray 2.4x – 2.60 (``MultiAgentEnvRunner``).
+
+Change log — what the numbers meant, per Ray version:
+
+* per-episode values: ``MultiAgentEnvRunner.get_metrics()`` sums each done episode's
+  chunks and calls ``_log_episode_metrics(length, ret, sec, agents, modules, agent_steps)``
+  once per episode, in the order of ``_done_episodes_for_metrics``. We wrap both on the
+  runner instance and zip ids with calls (RLLIB_NOTES §5). ``agents`` is keyed by
+  ``str(agent_id)``; ``modules`` by module id; both are sums over the whole episode of the
+  rewards RLlib counts (pre-observation rewards excluded by design, RLLIB_NOTES §3).
+* Ray 2.53: ``modules`` was built with a dict comprehension over ``agent_episodes``, so
+  agents sharing a module overwrote each other instead of summing (final chunk of only the
+  last agent + earlier chunks of all). Fixed by 2.60 (``module_episode_returns[m] += ...``).
+* dashboards: ``env_runners/module_episode_returns_mean/<m>``, ``agent_episode_returns_mean/<a>``,
+  ``episode_return_mean/min/max``; each runner logs with
+  ``window = ceil(S / max(num_env_runners, 1))`` and every ``get_metrics()`` reduces and
+  clears it; the driver shows the nan-mean of per-(runner, call) means (no smoothing across
+  iterations). ``metrics_call`` records that grouping.
+* raw rewards: ``on_environment_created`` gets ``env = runner.env.unwrapped``, a
+  ``SyncVectorMultiAgentEnv``; we tap ``env.envs[i]`` and re-tap each time the hook fires
+  (a sub-env failure rebuilds the vector env).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ..recorder import RunnerRecorder
+from ..schema import IterationSemantics as S
+from ..schema import Kind
+from .base import Adapter, install_tap
+
+logger = logging.getLogger("reward_audit")
+
+
+class NewStackAdapter(Adapter):
+    name = "new-stack-2.4x+"
+    api_stack = "new"
+    iteration_paths = (
+        ("env_runners/module_episode_returns_mean/", Kind.MODULE, S.MEAN_OF_EPISODE_SUMS.value),
+        ("env_runners/agent_episode_returns_mean/", Kind.AGENT, S.MEAN_OF_EPISODE_SUMS.value),
+        ("env_runners/episode_return_mean", Kind.EPISODE, S.MEAN_OF_EPISODE_SUMS.value),
+        ("env_runners/episode_return_min", Kind.EPISODE, S.MIN_OF_EPISODE_SUMS.value),
+        ("env_runners/episode_return_max", Kind.EPISODE, S.MAX_OF_EPISODE_SUMS.value),
+    )
+
+    def mapping_of(self, episode: Any) -> dict:
+        mapping = {aid: sa.module_id for aid, sa in episode.agent_episodes.items()}
+        # Agents mapped but without a single-agent episode yet (private; read, never forced).
+        for aid, mid in (getattr(episode, "_agent_to_module_mapping", None) or {}).items():
+            mapping.setdefault(aid, mid)
+        return mapping
+
+    def episode_id(self, episode: Any, recorder: RunnerRecorder) -> str:
+        return str(episode.id_)
+
+    def on_env(self, kwargs: dict) -> RunnerRecorder | None:
+        runner = kwargs["env_runner"]
+        recorder = self.recorder_for(runner)
+        vector_env = kwargs.get("env")
+        envs = getattr(vector_env, "envs", None)
+        if envs is None:
+            raise TypeError(f"expected a SyncVectorMultiAgentEnv with `.envs`, got {type(vector_env).__name__}")
+        for index, sub_env in enumerate(envs):
+            install_tap(sub_env, recorder, index)
+        self._wrap_metrics(runner, recorder)
+        return recorder
+
+    def _wrap_metrics(self, runner: Any, recorder: RunnerRecorder) -> None:
+        if runner.__dict__.get("_reward_audit_metrics_wrapped"):
+            return
+        original_get_metrics = runner.get_metrics
+        original_log = runner._log_episode_metrics
+
+        def get_metrics(*args: Any, **kwargs: Any) -> Any:
+            try:
+                recorder.metrics_call_begins(str(e.id_) for e in runner._done_episodes_for_metrics)
+            except Exception:
+                recorder.failures += 1
+                logger.exception("reward_audit: could not read the episodes get_metrics() will report")
+            try:
+                return original_get_metrics(*args, **kwargs)
+            finally:
+                recorder.metrics_call_ends()
+
+        def log_episode_metrics(length: Any, ret: Any, sec: Any, agents: Any = None, modules: Any = None, *args: Any, **kwargs: Any) -> Any:
+            try:
+                recorder.reported_episode(None, ret, dict(agents or {}), dict(modules or {}))
+            except Exception:
+                recorder.failures += 1
+                logger.exception("reward_audit: could not record RLlib's per-episode returns")
+            return original_log(length, ret, sec, agents, modules, *args, **kwargs)
+
+        runner.get_metrics = get_metrics
+        runner._log_episode_metrics = log_episode_metrics
+        runner.__dict__["_reward_audit_metrics_wrapped"] = True
+
+    def config_summary(self, config: Any) -> dict[str, Any]:
+        return {
+            "rollout_fragment_length": config.rollout_fragment_length,
+            "num_env_runners": config.num_env_runners,
+            "num_envs_per_env_runner": config.num_envs_per_env_runner,
+            "evaluation_num_env_runners": getattr(config, "evaluation_num_env_runners", None),
+            "evaluation_duration": getattr(config, "evaluation_duration", None),
+            "evaluation_duration_unit": getattr(config, "evaluation_duration_unit", None),
+            "evaluation_parallel_to_training": getattr(config, "evaluation_parallel_to_training", None),
+            "smoothing_model": "nan-mean of per-(runner, get_metrics call) means over the last ceil(S/num_env_runners) episodes",
+        }

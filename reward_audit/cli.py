@@ -1,0 +1,114 @@
+"""The ``reward-audit`` command: a thin click layer over the library.
+
+Exit codes: 0 no failing verdict, 1 a failing verdict (LEAK / DROP / MISMATCH by default;
+``--fail-on``), 2 unusable input (one line on stderr naming the path and the fix).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import tempfile
+from typing import Any, Callable
+
+import click
+
+from .compare import FAILURES, Verdict, compare
+from .errors import RewardAuditError
+from .report import render_json, render_text
+from .store import load_runs
+
+EXIT_OK, EXIT_FINDINGS, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _parse_fail_on(ctx: click.Context, param: click.Parameter, value: str) -> frozenset[Verdict]:
+    names = [v.strip().upper() for v in value.split(",") if v.strip()]
+    try:
+        return frozenset(Verdict(n) for n in names)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: use a comma-separated list of {', '.join(v.value.lower() for v in Verdict)}")
+
+
+def audit_options(fn: Callable) -> Callable:
+    """Flags shared by every command that audits a run."""
+    fn = click.option("--json", "as_json", is_flag=True, help="Print one JSON document (a list of verdict objects) instead of the table.")(fn)
+    fn = click.option("--verbose", "-v", is_flag=True, help="Show the episodes (ids, truth, reported, attribution) behind each finding.")(fn)
+    fn = click.option(
+        "--fail-on",
+        default=",".join(sorted(v.value.lower() for v in FAILURES)),
+        show_default=True,
+        callback=_parse_fail_on,
+        help="Verdicts that make the exit code 1 (e.g. `leak,drop,mismatch,excluded`).",
+    )(fn)
+    fn = click.option("--atol", type=float, default=1e-6, show_default=True, help="Absolute tolerance per episode value.")(fn)
+    fn = click.option("--rtol", type=float, default=1e-5, show_default=True, help="Relative tolerance per episode value.")(fn)
+    return fn
+
+
+def _one_line_errors(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except RewardAuditError as e:
+            click.echo(f"Error: {e}", err=True)
+            sys.exit(EXIT_BAD_INPUT)
+
+    return wrapper
+
+
+def _audit_and_print(path: str, as_json: bool, verbose: bool, fail_on: frozenset[Verdict], atol: float, rtol: float) -> int:
+    audits = [compare(run, atol=atol, rtol=rtol) for run in load_runs(path)]
+    if as_json:
+        click.echo(render_json(audits, fail_on=fail_on))
+    else:
+        click.echo("\n\n".join(render_text(a, verbose=verbose, fail_on=fail_on) for a in audits))
+    return EXIT_FINDINGS if any(a.failures(fail_on) for a in audits) else EXIT_OK
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="reward_audit")
+def main() -> None:
+    """Audit per-agent reward attribution of Ray RLlib runs recorded with RewardAuditCallback."""
+
+
+@main.command("compare")
+@click.argument("path")
+@audit_options
+@_one_line_errors
+def compare_cmd(path: str, as_json: bool, verbose: bool, fail_on: frozenset[Verdict], atol: float, rtol: float) -> None:
+    """Reconcile the env's raw rewards with RLlib's reported returns.
+
+    PATH is an audit folder, a trial dir that holds one, or a Tune experiment dir (each
+    trial is audited). Exit 0: no failing verdict; 1: a failing verdict; 2: bad input.
+    """
+    sys.exit(_audit_and_print(path, as_json, verbose, fail_on, atol, rtol))
+
+
+@main.command("demo")
+@click.option("--iterations", default=4, show_default=True, help="PPO training iterations.")
+@click.option("--out", "out", default=None, help="Where to record (default: a new temporary folder).")
+@audit_options
+@_one_line_errors
+def demo_cmd(iterations: int, out: str | None, as_json: bool, verbose: bool, fail_on: frozenset[Verdict], atol: float, rtol: float) -> None:
+    """Train a tiny 2-agent PPO run with the callback, then compare it."""
+    from .demo import run_demo
+
+    out = out or tempfile.mkdtemp(prefix="reward_audit_demo_")
+    if not as_json:
+        click.echo(f"training {iterations} PPO iterations on ScaledRewardsEnv (agents 0, 1 paid 1 and 10 per step), recording to {out} ...")
+    run_demo(out, iterations=iterations)
+    sys.exit(_audit_and_print(out, as_json, verbose, fail_on, atol, rtol))
+
+
+@main.command("schema")
+def schema_cmd() -> None:
+    """Print the run-folder schema (Markdown; the source of docs/schema.md)."""
+    from .schema import schema_markdown
+
+    click.echo(schema_markdown(), nl=False)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

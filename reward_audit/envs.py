@@ -1,0 +1,124 @@
+"""Small multi-agent envs with known rewards, for the demo, the tests and the benchmark.
+
+Both keep an independent ground truth: with ``env_config["ledger_dir"]`` set, every
+finished episode appends one JSON line ``{"length": n, "sums": {agent: total}}`` to a
+file of its own in that folder (works from remote env runners on this machine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from ray.rllib.env.multi_agent_env import MultiAgentEnv
+
+
+class _Ledger:
+    def __init__(self, folder: str | None):
+        self.path = os.path.join(folder, f"ledger-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl") if folder else None
+        self.sums: dict[Any, float] = {}
+
+    def add(self, rewards: dict) -> None:
+        for aid, r in rewards.items():
+            self.sums[aid] = self.sums.get(aid, 0.0) + float(r)
+
+    def close_episode(self, length: int) -> None:
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"length": length, "sums": {str(k): v for k, v in self.sums.items()}}) + "\n")
+        self.sums = {}
+
+
+class ScaledRewardsEnv(MultiAgentEnv):
+    """Every agent acts every step; agent i is paid ``scales[i]`` per step (times a random
+    factor in [0.5, 1.5) if ``random_rewards``), whatever it does.
+
+    env_config: ``agents`` (ids, ints or strings; default ``[0, 1]``), ``scales`` (default
+    ``[1, 10, ...]``), ``episode_len`` (default 30), ``random_rewards``, ``ledger_dir``.
+    """
+
+    def __init__(self, config: dict | None = None):
+        super().__init__()
+        config = dict(config or {})
+        self.agents = self.possible_agents = list(config.get("agents", [0, 1]))
+        scales = config.get("scales") or [10.0**i for i in range(len(self.agents))]
+        self.scales = {aid: float(s) for aid, s in zip(self.agents, scales)}
+        self.episode_len = int(config.get("episode_len", 30))
+        self.random_rewards = bool(config.get("random_rewards", False))
+        self.rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+        space = gym.spaces.Box(0.0, 1.0, (2,), np.float32)
+        self.observation_spaces = {aid: space for aid in self.agents}
+        self.action_spaces = {aid: gym.spaces.Discrete(2) for aid in self.agents}
+        self.ledger = _Ledger(config.get("ledger_dir"))
+        self.t = 0
+
+    def _obs(self) -> dict:
+        progress = np.float32(self.t / self.episode_len)
+        return {aid: np.array([progress, 1.0], np.float32) for aid in self.agents}
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        self.t = 0
+        self.ledger.sums = {}
+        return self._obs(), {}
+
+    def step(self, action_dict: dict):
+        self.t += 1
+        rewards = {}
+        for aid in self.agents:
+            factor = self.rng.uniform(0.5, 1.5) if self.random_rewards else 1.0
+            rewards[aid] = float(self.scales[aid] * factor)
+        self.ledger.add(rewards)
+        done = self.t >= self.episode_len
+        if done:
+            self.ledger.close_episode(self.t)
+        return self._obs(), rewards, {"__all__": done}, {"__all__": False}, {}
+
+
+class TurnBasedEnv(MultiAgentEnv):
+    """Two players alternate; only the player to move gets an observation. Every step pays
+    the mover ``+1 * factor`` and the waiting player ``-0.5 * factor`` — including on move 1,
+    before the second player's first observation (RLlib never counts that reward).
+
+    env_config: ``agents`` (default ``["white", "black"]``), ``episode_len`` (moves, default
+    20), ``random_rewards``, ``ledger_dir``.
+    """
+
+    def __init__(self, config: dict | None = None):
+        super().__init__()
+        config = dict(config or {})
+        self.agents = self.possible_agents = list(config.get("agents", ["white", "black"]))
+        self.episode_len = int(config.get("episode_len", 20))
+        self.random_rewards = bool(config.get("random_rewards", False))
+        self.rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+        space = gym.spaces.Box(0.0, 1.0, (2,), np.float32)
+        self.observation_spaces = {aid: space for aid in self.agents}
+        self.action_spaces = {aid: gym.spaces.Discrete(2) for aid in self.agents}
+        self.ledger = _Ledger(config.get("ledger_dir"))
+        self.t = 0
+
+    def _obs_for(self, aid: Any) -> dict:
+        return {aid: np.array([self.t / self.episode_len, 0.0], np.float32)}
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        self.t = 0
+        self.ledger.sums = {}
+        return self._obs_for(self.agents[0]), {}
+
+    def step(self, action_dict: dict):
+        mover = self.agents[self.t % 2]
+        waiting = self.agents[(self.t + 1) % 2]
+        self.t += 1
+        factor = self.rng.uniform(0.5, 1.5) if self.random_rewards else 1.0
+        rewards = {mover: 1.0 * factor, waiting: -0.5 * factor}
+        self.ledger.add(rewards)
+        done = self.t >= self.episode_len
+        if done:
+            self.ledger.close_episode(self.t)
+            obs = {aid: self._obs_for(aid)[aid] for aid in self.agents}
+        else:
+            obs = self._obs_for(waiting)
+        return obs, rewards, {"__all__": done}, {"__all__": False}, {}

@@ -1,0 +1,235 @@
+"""Runner-side recording, version-agnostic: what the env paid, attributed to episodes and
+chunks using public hooks only; plus the per-episode returns RLlib reported.
+
+One ``RunnerRecorder`` lives in each env-runner process (attached to the runner object).
+The capture adapters (``capture/``) feed it; the driver drains it once per iteration.
+
+Attributing tapped rewards to episodes (RLLIB_NOTES §3):
+
+* the tap adds each ``step()``'s rewards to ``pending[env_index]``;
+* ``on_episode_step`` / ``on_episode_end`` for that index move ``pending`` into the episode
+  they receive;
+* if ``on_episode_created`` / ``on_episode_start`` arrives while ``pending`` is not empty,
+  those rewards belong to the previous episode on that index (an abandoned tail);
+* ``on_sample_end`` moves whatever is left into the current episode of each index, then
+  turns every episode touched in this ``sample()`` call into chunk rows.
+
+A reward is *pre-observation* if the agent was not in the reset observation nor in any
+observation returned before that step (RLlib never counts those: RLLIB_NOTES §3).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import uuid
+from typing import Any, Callable, Hashable, Iterable
+
+from .schema import Kind, Phase, Semantics
+
+logger = logging.getLogger("reward_audit")
+
+AgentId = Hashable
+# [reward sum, n rewards, pre-obs reward sum, n pre-obs]
+Acc = list
+
+
+class _Episode:
+    __slots__ = ("episode_id", "env_index", "acc", "mapping", "done", "source")
+
+    def __init__(self, episode_id: str, env_index: int):
+        self.episode_id = episode_id
+        self.env_index = env_index
+        self.acc: dict[AgentId, Acc] = {}
+        self.mapping: dict[AgentId, str] = {}
+        self.done = False
+        self.source: Any = None  # the RLlib episode object, to read the mapping lazily
+
+
+def _merge(into: dict[AgentId, Acc], other: dict[AgentId, Acc]) -> None:
+    for aid, (r, n, pr, pn) in other.items():
+        a = into.get(aid)
+        if a is None:
+            into[aid] = [r, n, pr, pn]
+        else:
+            a[0] += r
+            a[1] += n
+            a[2] += pr
+            a[3] += pn
+
+
+class RunnerRecorder:
+    """Aggregates in memory; ``drain()`` hands rows to the driver and forgets them."""
+
+    def __init__(self, phase: Phase, worker_index: int, mapping_of: Callable[[Any], dict]):
+        self.phase = phase.value
+        self.worker_index = int(worker_index or 0)
+        self.runner_id = f"{self.phase}/{self.worker_index}/{uuid.uuid4().hex[:8]}"
+        self.pid = os.getpid()
+        self._mapping_of = mapping_of
+        self._lock = threading.Lock()
+        self._pending: dict[int, dict[AgentId, Acc]] = {}
+        self._observed: dict[int, set] = {}
+        self._current: dict[int, _Episode] = {}
+        self._touched: dict[str, _Episode] = {}
+        self.sample_seq = 0
+        self.metrics_call = 0
+        self._metrics_ids: list[str] = []
+        self._raw_rows: list[dict] = []
+        self._reported_rows: list[dict] = []
+        self.failures = 0
+
+    # ------------------------------------------------------------------ the tap
+
+    def tap_reset(self, env_index: int, obs: Any) -> None:
+        self._observed[env_index] = set(obs.keys()) if isinstance(obs, dict) else set()
+
+    def tap_step(self, env_index: int, obs: Any, rewards: Any) -> None:
+        observed = self._observed.setdefault(env_index, set())
+        pending = self._pending.setdefault(env_index, {})
+        for aid, value in rewards.items():
+            r = float(value)
+            a = pending.get(aid)
+            if a is None:
+                a = pending[aid] = [0.0, 0, 0.0, 0]
+            a[0] += r
+            a[1] += 1
+            if aid not in observed:
+                a[2] += r
+                a[3] += 1
+        if isinstance(obs, dict):
+            observed.update(obs.keys())
+
+    # ------------------------------------------------------------------ episode hooks
+
+    def _state(self, episode_id: str, env_index: int, source: Any) -> _Episode:
+        state = self._current.get(env_index)
+        if state is None or state.episode_id != episode_id:
+            state = self._touched.get(episode_id) or _Episode(episode_id, env_index)
+            self._current[env_index] = state
+        if source is not None:
+            state.source = source
+        return state
+
+    def _flush_pending(self, env_index: int, state: _Episode | None) -> None:
+        pending = self._pending.get(env_index)
+        if not pending:
+            return
+        if state is None:  # rewards with no episode to own them: keep them visible
+            state = _Episode(f"orphan-{uuid.uuid4().hex[:12]}", env_index)
+            logger.warning("reward_audit: rewards on env %d arrived outside any episode; recorded as %s", env_index, state.episode_id)
+        _merge(state.acc, pending)
+        pending.clear()
+        self._touched[state.episode_id] = state
+
+    def episode_begins(self, episode_id: str, env_index: int, source: Any) -> None:
+        """``on_episode_created`` / ``on_episode_start``: leftover rewards are the previous episode's tail."""
+        previous = self._current.get(env_index)
+        if previous is not None and previous.episode_id != episode_id:
+            self._flush_pending(env_index, previous)
+        self._state(episode_id, env_index, source)
+
+    def episode_step(self, episode_id: str, env_index: int, source: Any) -> None:
+        self._flush_pending(env_index, self._state(episode_id, env_index, source))
+
+    def episode_ends(self, episode_id: str, env_index: int, source: Any, mapping: dict | None = None) -> None:
+        state = self._state(episode_id, env_index, source)
+        self._flush_pending(env_index, state)
+        state.done = True
+        self._touched[episode_id] = state
+        state.mapping.update(mapping if mapping is not None else self._read_mapping(state))
+        state.source = None
+
+    def _read_mapping(self, state: _Episode) -> dict:
+        if state.source is None:
+            return {}
+        try:
+            return self._mapping_of(state.source)
+        except Exception:  # never let a private attribute change break the run
+            logger.exception("reward_audit: could not read the agent->module mapping of episode %s", state.episode_id)
+            return {}
+
+    def sample_ends(self) -> None:
+        """``on_sample_end``: cut every touched episode into one chunk row per agent."""
+        for env_index in list(self._pending):
+            self._flush_pending(env_index, self._current.get(env_index))
+        for state in self._touched.values():
+            if not state.done:
+                state.mapping.update(self._read_mapping(state))
+            for aid, (r, n, pr, pn) in state.acc.items():
+                module = state.mapping.get(aid)
+                self._raw_rows.append(
+                    {
+                        "phase": self.phase,
+                        "runner_id": self.runner_id,
+                        "worker_index": self.worker_index,
+                        "env_index": state.env_index,
+                        "episode_id": state.episode_id,
+                        "chunk_seq": self.sample_seq,
+                        "agent_id": str(aid),
+                        "agent_id_type": type(aid).__name__,
+                        "module_id": None if module is None else str(module),
+                        "reward": r,
+                        "n_rewards": n,
+                        "pre_obs_reward": pr,
+                        "n_pre_obs": pn,
+                        "episode_done": state.done,
+                    }
+                )
+            state.acc = {}
+        # Done episodes are finished; ongoing ones keep their state via _current.
+        self._touched = {}
+        for env_index, state in list(self._current.items()):
+            if state.done:
+                del self._current[env_index]
+        self.sample_seq += 1
+
+    # ------------------------------------------------------------------ reported values
+
+    def metrics_call_begins(self, episode_ids: Iterable[str]) -> None:
+        self._metrics_ids = list(episode_ids)
+
+    def reported_episode(
+        self,
+        episode_id: str | None,
+        episode_return: float | None,
+        agents: dict | None,
+        modules: dict | None,
+        policies: dict | None = None,
+        metrics_call: int | None = None,
+    ) -> None:
+        """Record RLlib's per-episode numbers. ``episode_id=None`` takes the next id of the
+        current ``get_metrics()`` call (RLlib logs episodes in the order it stored them)."""
+        if episode_id is None:
+            if not self._metrics_ids:
+                self.failures += 1
+                logger.error("reward_audit: RLlib reported more episodes than it had stored; value not recorded")
+                return
+            episode_id = self._metrics_ids.pop(0)
+        call = self.metrics_call if metrics_call is None else metrics_call
+        base = {"phase": self.phase, "runner_id": self.runner_id, "episode_id": episode_id, "semantics": Semantics.EPISODE_SUM_COUNTED.value, "metrics_call": call}
+        rows = self._reported_rows
+        if episode_return is not None:
+            rows.append({**base, "kind": Kind.EPISODE.value, "agent_id": None, "module_id": None, "value": float(episode_return)})
+        for aid, value in (agents or {}).items():
+            rows.append({**base, "kind": Kind.AGENT.value, "agent_id": str(aid), "module_id": None, "value": float(value)})
+        for mid, value in (modules or {}).items():
+            rows.append({**base, "kind": Kind.MODULE.value, "agent_id": None, "module_id": str(mid), "value": float(value)})
+        for (aid, pid), value in (policies or {}).items():
+            rows.append({**base, "kind": Kind.POLICY.value, "agent_id": str(aid), "module_id": str(pid), "value": float(value)})
+
+    def metrics_call_ends(self) -> None:
+        if self._metrics_ids:
+            self.failures += 1
+            logger.error("reward_audit: %d stored episodes were not reported by get_metrics(); they will show as INCOMPLETE", len(self._metrics_ids))
+        self._metrics_ids = []
+        self.metrics_call += 1
+
+    # ------------------------------------------------------------------ hand-over
+
+    def drain(self) -> dict[str, Any]:
+        with self._lock:
+            raw, reported = self._raw_rows, self._reported_rows
+            self._raw_rows, self._reported_rows = [], []
+        return {"runner_id": self.runner_id, "raw_rewards": raw, "reported_episodes": reported, "failures": self.failures}

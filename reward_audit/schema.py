@@ -1,0 +1,234 @@
+"""The run-folder format: every table's Arrow schema, the schema version, and the meaning
+of every recorded number. The single source of truth; ``docs/schema.md`` is generated
+from this module (``python -m reward_audit.schema > docs/schema.md``) and checked in CI.
+
+A run folder looks like this::
+
+    reward_audit/
+      run.json                          manifest (see MANIFEST_FIELDS)
+      raw_rewards/part-000001-3f2a9c1e.parquet
+      reported_episodes/part-000001-3f2a9c1e.parquet
+      reported_iterations/part-000001-3f2a9c1e.parquet
+
+Each part file is written under a temporary name and renamed, so it is complete or absent.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+TOOL_NAME = "reward_audit"
+MANIFEST_NAME = "run.json"
+AUDIT_DIR_NAME = "reward_audit"
+
+
+class Phase(str, enum.Enum):
+    TRAIN = "train"
+    EVALUATION = "evaluation"
+
+
+class Kind(str, enum.Enum):
+    """What one reported number is about."""
+
+    AGENT = "agent"  # one agent's return (key: agent id)
+    MODULE = "module"  # one RLModule's return (key: module id), new API stack
+    POLICY = "policy"  # one (agent, policy) entry, old API stack / Ray 2.12 RolloutMetrics
+    EPISODE = "episode"  # the whole multi-agent episode return
+
+
+class Semantics(str, enum.Enum):
+    """What a captured per-episode number claims to be. Each adapter declares it per row;
+    the comparator builds the truth to match and refuses (UNVERIFIED) what it does not know.
+    """
+
+    # Sum, over the whole episode, of the rewards RLlib counts for the selected agents:
+    # kind=agent -> that agent; kind=module -> every agent mapped to the module in that
+    # episode; kind=policy -> the row's agent; kind=episode -> every agent.
+    EPISODE_SUM_COUNTED = "episode_sum_counted"
+
+
+# What one iteration-level (dashboard) number is.
+class IterationSemantics(str, enum.Enum):
+    MEAN_OF_EPISODE_SUMS = "mean_of_episode_sums"  # mean over episodes of a per-episode sum
+    MEAN_OF_AGENT_EPISODES = "mean_of_agent_episodes"  # mean over (agent, episode) entries
+    MIN_OF_EPISODE_SUMS = "min_of_episode_sums"
+    MAX_OF_EPISODE_SUMS = "max_of_episode_sums"
+
+
+RAW_REWARDS = pa.schema(
+    [
+        pa.field("phase", pa.string(), nullable=False),
+        pa.field("runner_id", pa.string(), nullable=False),
+        pa.field("worker_index", pa.int32(), nullable=False),
+        pa.field("env_index", pa.int32(), nullable=False),
+        pa.field("episode_id", pa.string(), nullable=False),
+        pa.field("chunk_seq", pa.int64(), nullable=False),
+        pa.field("agent_id", pa.string(), nullable=False),
+        pa.field("agent_id_type", pa.string(), nullable=False),
+        pa.field("module_id", pa.string()),
+        pa.field("reward", pa.float64(), nullable=False),
+        pa.field("n_rewards", pa.int32(), nullable=False),
+        pa.field("pre_obs_reward", pa.float64(), nullable=False),
+        pa.field("n_pre_obs", pa.int32(), nullable=False),
+        pa.field("episode_done", pa.bool_(), nullable=False),
+        pa.field("iteration", pa.int64(), nullable=False),
+    ]
+)
+
+RAW_REWARDS_DOC = {
+    "phase": "`train` or `evaluation` (the env runner's `config.in_evaluation`).",
+    "runner_id": "`<phase>/<worker_index>/<uuid8>`: one env-runner incarnation (a restarted actor gets a new uuid).",
+    "worker_index": "RLlib's worker index (0 = local runner; evaluation runners also count from 1).",
+    "env_index": "Index of the sub-environment inside the runner's vector env.",
+    "episode_id": "RLlib's episode id (new stack `episode.id_`; old stack: runner uuid + `episode_id`, which repeats under seeding).",
+    "chunk_seq": "The runner's `sample()` call number in which these steps were taken; one chunk = one episode's steps within one `sample()` call.",
+    "agent_id": "Agent id as a canonical string (`str(agent_id)`).",
+    "agent_id_type": "Python type name of the original agent id (`int`, `str`, ...).",
+    "module_id": "Module / policy the agent was mapped to in this episode (null if RLlib never mapped it).",
+    "reward": "Sum of every reward the env's `step()` returned to this agent in this chunk (the truth).",
+    "n_rewards": "Number of reward entries summed in `reward`.",
+    "pre_obs_reward": "Part of `reward` paid before or with the agent's first observation of the episode; RLlib never counts it (by design).",
+    "n_pre_obs": "Number of reward entries summed in `pre_obs_reward`.",
+    "episode_done": "True if the episode terminated or truncated within this chunk.",
+    "iteration": "Training iterations completed when the driver collected the row (train rows: the `training_iteration` of the result that sampled them).",
+}
+
+REPORTED_EPISODES = pa.schema(
+    [
+        pa.field("phase", pa.string(), nullable=False),
+        pa.field("runner_id", pa.string(), nullable=False),
+        pa.field("episode_id", pa.string(), nullable=False),
+        pa.field("kind", pa.string(), nullable=False),
+        pa.field("agent_id", pa.string()),
+        pa.field("module_id", pa.string()),
+        pa.field("value", pa.float64(), nullable=False),
+        pa.field("semantics", pa.string(), nullable=False),
+        pa.field("metrics_call", pa.int64(), nullable=False),
+        pa.field("iteration", pa.int64(), nullable=False),
+    ]
+)
+
+REPORTED_EPISODES_DOC = {
+    "phase": "`train` or `evaluation`.",
+    "runner_id": "The runner that reported the episode (same as in raw_rewards).",
+    "episode_id": "Episode id, joinable with raw_rewards.",
+    "kind": "`agent`, `module`, `policy` (an (agent, policy) entry) or `episode` (the whole return).",
+    "agent_id": "Set for `agent` and `policy` rows (canonical string).",
+    "module_id": "Set for `module` and `policy` rows.",
+    "value": "The return RLlib itself computed for this finished episode.",
+    "semantics": "What the value claims to be (`Semantics`), declared by the capture adapter.",
+    "metrics_call": "The runner's `get_metrics()` call number that reported it (-1 where metrics are not per call, old stack).",
+    "iteration": "Training iterations completed when the driver collected the row.",
+}
+
+REPORTED_ITERATIONS = pa.schema(
+    [
+        pa.field("phase", pa.string(), nullable=False),
+        pa.field("iteration", pa.int64(), nullable=False),
+        pa.field("path", pa.string(), nullable=False),
+        pa.field("kind", pa.string(), nullable=False),
+        pa.field("key", pa.string()),
+        pa.field("value", pa.float64()),
+        pa.field("semantics", pa.string(), nullable=False),
+    ]
+)
+
+REPORTED_ITERATIONS_DOC = {
+    "phase": "`train` or `evaluation` (`evaluation/...` keys of the result).",
+    "iteration": "The result's `training_iteration`.",
+    "path": "Full `/`-joined key path in the `train()` result, as Tune flattens it for TensorBoard (`ray/tune/` + path).",
+    "kind": "`agent`, `module`, `policy` or `episode`.",
+    "key": "Agent / module / policy id (null for `episode`).",
+    "value": "The number shown on the dashboard (NaN if RLlib reported NaN).",
+    "semantics": "What the number is (`IterationSemantics`).",
+}
+
+TABLES: dict[str, pa.Schema] = {
+    "raw_rewards": RAW_REWARDS,
+    "reported_episodes": REPORTED_EPISODES,
+    "reported_iterations": REPORTED_ITERATIONS,
+}
+
+TABLE_DOCS: dict[str, tuple[str, dict[str, str]]] = {
+    "raw_rewards": (
+        "One row per (runner, env index, episode, chunk, agent): what the env's `step()` paid.",
+        RAW_REWARDS_DOC,
+    ),
+    "reported_episodes": (
+        "One row per (episode, kind, key): the per-episode return RLlib computed.",
+        REPORTED_EPISODES_DOC,
+    ),
+    "reported_iterations": (
+        "One row per (iteration, phase, metric path): what the `train()` result (Tune, TensorBoard) showed.",
+        REPORTED_ITERATIONS_DOC,
+    ),
+}
+
+MANIFEST_FIELDS = {
+    "tool": "Always `reward_audit` (tells our folders from other tools').",
+    "schema_version": "Format version of the tables; readers refuse other versions.",
+    "reward_audit_version": "Version of reward_audit that wrote the run.",
+    "ray_version": "`ray.__version__` of the driver.",
+    "api_stack": "`new` (RLModule + EnvRunner) or `old` (RolloutWorker).",
+    "adapter": "Capture adapter that recorded the run (see docs/ray_versions.md).",
+    "algorithm": "Algorithm class name.",
+    "env": "Env name or class.",
+    "policies": "Module / policy ids.",
+    "policies_to_train": "Trainable module ids, if restricted.",
+    "policy_mapping_fn": "Qualified name of the mapping function.",
+    "rollout_fragment_length": "Config value (`auto` or an int).",
+    "metrics_num_episodes_for_smoothing": "Smoothing window S.",
+    "num_env_runners": "Remote env runners for training.",
+    "num_envs_per_env_runner": "Sub-environments per runner.",
+    "evaluation_interval": "Config value (null: no evaluation).",
+    "iteration_semantics": "Per metric path pattern: what the dashboard number means.",
+    "created_at": "UTC time the run started.",
+}
+
+
+def schema_markdown() -> str:
+    """Render this module as the Markdown page ``docs/schema.md``."""
+    lines = [
+        "# Run-folder schema",
+        "",
+        "<!-- generated by `python -m reward_audit.schema`; do not edit by hand -->",
+        "",
+        f"Schema version: **{SCHEMA_VERSION}**. A run folder is `{AUDIT_DIR_NAME}/` with "
+        f"`{MANIFEST_NAME}` and one sub-folder of Parquet part files per table. "
+        "Part files are written under a temporary name and renamed (complete or absent); "
+        "each carries the schema version in its Arrow metadata.",
+        "",
+        f"## `{MANIFEST_NAME}`",
+        "",
+        "| field | meaning |",
+        "| --- | --- |",
+    ]
+    lines += [f"| `{k}` | {v} |" for k, v in MANIFEST_FIELDS.items()]
+    for name, schema in TABLES.items():
+        summary, docs = TABLE_DOCS[name]
+        lines += ["", f"## `{name}/`", "", summary, "", "| column | type | meaning |", "| --- | --- | --- |"]
+        for field in schema:
+            null = "" if field.nullable else ", not null"
+            lines.append(f"| `{field.name}` | {field.type}{null} | {docs[field.name]} |")
+    lines += ["", "## Semantics of reported per-episode values", "", "| value | meaning |", "| --- | --- |"]
+    lines.append(
+        f"| `{Semantics.EPISODE_SUM_COUNTED.value}` | Sum over the whole episode of the rewards RLlib "
+        "counts (all rewards minus `pre_obs_reward`) for the row's agent (`agent`, `policy`), for every "
+        "agent mapped to the module in that episode (`module`), or for all agents (`episode`). |"
+    )
+    lines += ["", "## Semantics of dashboard values", "", "| value | meaning |", "| --- | --- |"]
+    meaning = {
+        IterationSemantics.MEAN_OF_EPISODE_SUMS: "Mean, over the episodes in RLlib's window, of a per-episode sum (for a module: over its agents).",
+        IterationSemantics.MEAN_OF_AGENT_EPISODES: "Mean over (agent, episode) entries: a policy shared by k agents shows the per-agent mean.",
+        IterationSemantics.MIN_OF_EPISODE_SUMS: "Minimum over the window's episodes.",
+        IterationSemantics.MAX_OF_EPISODE_SUMS: "Maximum over the window's episodes.",
+    }
+    lines += [f"| `{k.value}` | {v} |" for k, v in meaning.items()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(schema_markdown(), end="")

@@ -1,0 +1,61 @@
+"""CI assertions: one call in a user's test, a readable failure (PettingZoo's ``api_test``
+idea). No pytest import here.
+
+    from reward_audit import assert_no_leakage
+
+    def test_attribution(tmp_path):
+        ...train with RewardAuditCallback.writing_to(tmp_path)...
+        assert_no_leakage(tmp_path)            # raises RewardLeakageError on LEAK/DROP/MISMATCH
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from .compare import FAILURES, Audit, Verdict, compare
+from .report import render_text
+from .store import load_runs
+
+
+class RewardLeakageError(AssertionError):
+    """Raised by ``assert_no_leakage``; carries the audits (``.audits``) and the failing findings."""
+
+    def __init__(self, message: str, audits: list[Audit], findings: list):
+        super().__init__(message)
+        self.audits = audits
+        self.findings = findings
+
+
+def assert_no_leakage(
+    path: str | Audit,
+    *,
+    phases: Iterable[str] | None = None,
+    fail_on: Iterable[str | Verdict] = FAILURES,
+    allow: Iterable[str] = (),
+) -> list[Audit]:
+    """Fail unless every run at ``path`` is free of LEAK / DROP / MISMATCH.
+
+    ``phases`` limits the check (e.g. ``["train"]``); ``allow`` lists ``"phase:kind:key"``
+    (or ``"kind:key"``) findings to ignore, e.g. ``["module:frozen_snapshot"]``.
+    Returns the audits when they pass.
+    """
+    audits = [path] if isinstance(path, Audit) else [compare(run) for run in load_runs(str(path))]
+    wanted = {Verdict(v.upper()) if isinstance(v, str) else v for v in fail_on}
+    allowed = set(allow)
+    phase_set = set(phases) if phases is not None else None
+    failing = []
+    for audit in audits:
+        for f in audit.failures(wanted):
+            if phase_set is not None and f.phase not in phase_set:
+                continue
+            if f"{f.phase}:{f.kind}:{f.key}" in allowed or f"{f.kind}:{f.key}" in allowed:
+                continue
+            failing.append(f)
+    if failing:
+        lines = [f"reward attribution is wrong: {len(failing)} failing finding(s)"]
+        lines += [f"  {f}" for f in failing]
+        lines.append("")
+        lines += [render_text(a, verbose=True, fail_on=wanted) for a in audits]
+        lines.append("Get the data: `reward_audit.compare(path).episodes` (a DataFrame, one row per episode and key)")
+        raise RewardLeakageError("\n".join(lines), audits, failing)
+    return audits
