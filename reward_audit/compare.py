@@ -293,9 +293,10 @@ def compare(run: Run | str, *, atol: float = 1e-6, rtol: float = 1e-5, max_evide
 
 
 def _finding(phase: str, kind: str, key: str, rows: pd.DataFrame, max_evidence: int) -> Finding:
-    counts = rows.groupby("verdict")["episode_id"].nunique().to_dict()
+    rows = rows.assign(episode=rows["runner_id"] + "|" + rows["episode_id"])
+    counts = rows.groupby("verdict")["episode"].nunique().to_dict()
     worst = next(v for v in _SEVERITY if v.value in counts)
-    episodes = rows["episode_id"].nunique()
+    episodes = rows["episode"].nunique()
     truth, reported = float(rows["truth"].mean()), float(rows["reported"].mean())
     if worst == Verdict.CLEAN:
         message = f"{episodes} episodes agree"
