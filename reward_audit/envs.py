@@ -18,19 +18,34 @@ from ray.rllib.env.multi_agent_env import MultiAgentEnv
 
 
 class _Ledger:
+    """The env's own count: per episode, every reward paid, and the part paid to an agent
+    before or with its first observation (``pre_obs``)."""
+
     def __init__(self, folder: str | None):
         self.path = os.path.join(folder, f"ledger-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl") if folder else None
-        self.sums: dict[Any, float] = {}
+        self.reset({})
 
-    def add(self, rewards: dict) -> None:
+    def reset(self, obs: dict) -> None:
+        self.sums: dict[Any, float] = {}
+        self.pre_obs: dict[Any, float] = {}
+        self.observed = set(obs)
+
+    def add(self, rewards: dict, obs: dict) -> None:
         for aid, r in rewards.items():
             self.sums[aid] = self.sums.get(aid, 0.0) + float(r)
+            if aid not in self.observed:
+                self.pre_obs[aid] = self.pre_obs.get(aid, 0.0) + float(r)
+        self.observed.update(obs)
 
     def close_episode(self, length: int) -> None:
         if self.path:
+            line = {
+                "length": length,
+                "sums": {str(k): v for k, v in self.sums.items()},
+                "pre_obs": {str(k): v for k, v in self.pre_obs.items()},
+            }
             with open(self.path, "a") as f:
-                f.write(json.dumps({"length": length, "sums": {str(k): v for k, v in self.sums.items()}}) + "\n")
-        self.sums = {}
+                f.write(json.dumps(line) + "\n")
 
 
 class ScaledRewardsEnv(MultiAgentEnv):
@@ -62,8 +77,9 @@ class ScaledRewardsEnv(MultiAgentEnv):
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         self.t = 0
-        self.ledger.sums = {}
-        return self._obs(), {}
+        obs = self._obs()
+        self.ledger.reset(obs)
+        return obs, {}
 
     def step(self, action_dict: dict):
         self.t += 1
@@ -71,11 +87,12 @@ class ScaledRewardsEnv(MultiAgentEnv):
         for aid in self.agents:
             factor = self.rng.uniform(0.5, 1.5) if self.random_rewards else 1.0
             rewards[aid] = float(self.scales[aid] * factor)
-        self.ledger.add(rewards)
         done = self.t >= self.episode_len
+        obs = self._obs()
+        self.ledger.add(rewards, obs)
         if done:
             self.ledger.close_episode(self.t)
-        return self._obs(), rewards, {"__all__": done}, {"__all__": False}, {}
+        return obs, rewards, {"__all__": done}, {"__all__": False}, {}
 
 
 class TurnBasedEnv(MultiAgentEnv):
@@ -105,8 +122,9 @@ class TurnBasedEnv(MultiAgentEnv):
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         self.t = 0
-        self.ledger.sums = {}
-        return self._obs_for(self.agents[0]), {}
+        obs = self._obs_for(self.agents[0])
+        self.ledger.reset(obs)
+        return obs, {}
 
     def step(self, action_dict: dict):
         mover = self.agents[self.t % 2]
@@ -114,11 +132,23 @@ class TurnBasedEnv(MultiAgentEnv):
         self.t += 1
         factor = self.rng.uniform(0.5, 1.5) if self.random_rewards else 1.0
         rewards = {mover: 1.0 * factor, waiting: -0.5 * factor}
-        self.ledger.add(rewards)
         done = self.t >= self.episode_len
         if done:
-            self.ledger.close_episode(self.t)
             obs = {aid: self._obs_for(aid)[aid] for aid in self.agents}
         else:
             obs = self._obs_for(waiting)
+        self.ledger.add(rewards, obs)
+        if done:
+            self.ledger.close_episode(self.t)
         return obs, rewards, {"__all__": done}, {"__all__": False}, {}
+
+
+# Mapping functions live in an importable module so remote env runners can unpickle them.
+def map_by_id(agent_id: Any, episode: Any = None, **kwargs: Any) -> str:
+    """Agent ``x`` -> module ``p_x``."""
+    return f"p_{agent_id}"
+
+
+def map_all_shared(agent_id: Any, episode: Any = None, **kwargs: Any) -> str:
+    """Every agent -> module ``shared``."""
+    return "shared"

@@ -1,0 +1,182 @@
+"""End to end on the installed Ray (new API stack): tiny real PPO runs with the callback,
+then compare. Zero false positives on the scenarios RLlib gets right, and raw-capture
+fidelity against the env's own ledger, episode by episode.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+from collections import Counter
+
+import pytest
+
+ray = pytest.importorskip("ray", reason="end-to-end tests need ray[rllib]; `make test` installs it")
+
+from ray.rllib.algorithms.ppo import PPOConfig  # noqa: E402
+
+from reward_audit import RewardAuditCallback, Verdict, compare, load_run  # noqa: E402
+from reward_audit.envs import ScaledRewardsEnv, TurnBasedEnv, map_all_shared, map_by_id  # noqa: E402
+
+pytestmark = pytest.mark.rllib
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_instance():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def base_config(env, env_config, policies, mapping, out, *, runners=0, envs=1, fragment=16, evaluation=False, callback=None):
+    config = (
+        PPOConfig()
+        .environment(env, env_config=env_config, disable_env_checking=True)
+        .multi_agent(policies=set(policies), policy_mapping_fn=mapping)
+        .env_runners(num_env_runners=runners, num_envs_per_env_runner=envs, rollout_fragment_length=fragment)
+        .training(train_batch_size_per_learner=128, minibatch_size=64, num_epochs=1)
+        .rl_module(model_config={"fcnet_hiddens": [8]})
+        .callbacks((callback or RewardAuditCallback).writing_to(out))
+    )
+    if evaluation:
+        config = config.evaluation(
+            evaluation_interval=1,
+            evaluation_duration=2,
+            evaluation_duration_unit="episodes",
+            evaluation_num_env_runners=runners,
+        )
+    return config
+
+
+def train(config, iterations):
+    algo = config.build_algo()
+    try:
+        results = [algo.train() for _ in range(iterations)]
+    finally:
+        algo.stop()
+    return results
+
+
+def ledger(folder):
+    lines = []
+    for file in glob.glob(os.path.join(folder, "ledger-*.jsonl")):
+        lines += [json.loads(line) for line in open(file)]
+    return lines
+
+
+def assert_raw_matches_ledger(run, ledger_lines):
+    """Per finished episode and agent, the tap's sums equal the env's own count (as multisets:
+    the env cannot know RLlib's episode ids, but random rewards make every episode unique)."""
+    raw = run.raw[run.raw.groupby(["runner_id", "episode_id"])["episode_done"].transform("any")]
+    sums = raw.groupby(["runner_id", "episode_id", "agent_id"])[["reward", "pre_obs_reward"]].sum()
+    recorded = Counter()
+    for (_, _), g in sums.groupby(level=[0, 1]):
+        recorded[tuple(sorted((a, round(r, 9), round(p, 9)) for (_, _, a), (r, p) in g.iterrows()))] += 1
+    expected = Counter(
+        tuple(sorted((a, round(r, 9), round(line["pre_obs"].get(a, 0.0), 9)) for a, r in line["sums"].items())) for line in ledger_lines
+    )
+    assert sum(expected.values()) > 0
+    assert recorded == expected
+
+
+def only_clean_or_warnings(audit, allowed=(Verdict.CLEAN, Verdict.INCOMPLETE)):
+    bad = [str(f) for f in audit.findings if f.verdict not in allowed]
+    assert not bad, "\n".join(bad)
+
+
+def test_simultaneous_scales_multichunk_two_envs_with_evaluation(tmp_path):
+    out, led = str(tmp_path / "out"), str(tmp_path / "ledger")
+    os.makedirs(led)
+    env_config = {"agents": [0, 1], "scales": [1.0, 1000.0], "episode_len": 30, "random_rewards": True, "ledger_dir": led}
+    config = base_config(ScaledRewardsEnv, env_config, ["p_0", "p_1"], map_by_id, out, envs=2, evaluation=True)
+    train(config, 3)
+    run = load_run(out)
+    audit = compare(run)
+    only_clean_or_warnings(audit)
+    assert run.manifest["api_stack"] == "new" and run.manifest["num_envs_per_env_runner"] == 2
+    assert {"train", "evaluation"} <= set(run.raw["phase"])
+    assert set(run.raw["env_index"]) == {0, 1}
+    assert set(run.raw["agent_id_type"]) == {"int"}
+    # Episodes of 30 steps, fragments of 16 steps per env: most episodes span several chunks.
+    multi = audit.episodes[(audit.episodes["phase"] == "train") & (audit.episodes["chunks"] > 1)]
+    assert multi["episode_id"].nunique() >= 3
+    keys = {(f.phase, f.kind, f.key) for f in audit.findings if f.verdict == Verdict.CLEAN}
+    assert {("train", "module", "p_0"), ("train", "module", "p_1"), ("train", "agent", "0"), ("evaluation", "module", "p_1")} <= keys
+    p1 = next(f for f in audit.findings if (f.phase, f.kind, f.key) == ("train", "module", "p_1"))
+    assert 15000 < p1.truth < 45000  # 30 steps x 1000 x U(0.5, 1.5)
+    assert_raw_matches_ledger(run, ledger(led))
+    # The dashboard numbers were recorded too.
+    paths = set(run.iterations["path"])
+    assert "env_runners/module_episode_returns_mean/p_1" in paths
+    assert "evaluation/env_runners/agent_episode_returns_mean/0" in paths
+
+
+def test_turn_based_string_ids_pre_observation_rewards(tmp_path):
+    out, led = str(tmp_path / "out"), str(tmp_path / "ledger")
+    os.makedirs(led)
+    env_config = {"agents": ["white", "black"], "episode_len": 20, "random_rewards": True, "ledger_dir": led}
+    config = base_config(TurnBasedEnv, env_config, ["p_white", "p_black"], map_by_id, out)
+    train(config, 2)
+    run = load_run(out)
+    audit = compare(run)
+    only_clean_or_warnings(audit, (Verdict.CLEAN, Verdict.INCOMPLETE, Verdict.EXCLUDED))
+    assert set(run.raw["agent_id_type"]) == {"str"}
+    [excluded] = [f for f in audit.findings if f.verdict == Verdict.EXCLUDED]
+    # black's reward on move 1 arrives with its first observation: RLlib never counts it.
+    assert (excluded.phase, excluded.key) == ("train", "black")
+    black = run.raw[run.raw["agent_id"] == "black"]
+    assert (black.groupby("episode_id")["n_pre_obs"].sum() == 1).all()
+    assert_raw_matches_ledger(run, ledger(led))
+    module = next(f for f in audit.findings if (f.kind, f.key) == ("module", "p_black"))
+    assert module.verdict == Verdict.CLEAN and module.episodes >= 5
+
+
+def test_three_agents_share_one_module(tmp_path):
+    out = str(tmp_path / "out")
+    env_config = {"agents": [0, 1, 2], "scales": [1.0, 10.0, 100.0], "episode_len": 30}
+    config = base_config(ScaledRewardsEnv, env_config, ["shared"], map_all_shared, out)
+    train(config, 2)
+    audit = compare(out)
+    only_clean_or_warnings(audit)
+    shared = next(f for f in audit.findings if (f.kind, f.key) == ("module", "shared"))
+    assert shared.truth == pytest.approx(30 * 111.0)
+    assert shared.reported == pytest.approx(30 * 111.0)
+
+
+def test_remote_env_runner_with_remote_evaluation(tmp_path):
+    out, led = str(tmp_path / "out"), str(tmp_path / "ledger")
+    os.makedirs(led)
+    env_config = {"agents": [0, 1], "scales": [1.0, 10.0], "episode_len": 30, "random_rewards": True, "ledger_dir": led}
+    config = base_config(ScaledRewardsEnv, env_config, ["p_0", "p_1"], map_by_id, out, runners=1, evaluation=True)
+    train(config, 2)
+    run = load_run(out)
+    audit = compare(run)
+    only_clean_or_warnings(audit)
+    assert set(run.raw["worker_index"]) == {1}  # remote runners only
+    assert {"train", "evaluation"} <= set(run.raw["phase"])
+    assert_raw_matches_ledger(run, ledger(led))
+
+
+class FailingCallback(RewardAuditCallback):
+    """A recorder that breaks: every episode step hook raises inside reward_audit."""
+
+    def _episode_hook(self, kwargs, action):
+        if action == "step":
+            raise RuntimeError("injected recorder failure")
+        super()._episode_hook(kwargs, action)
+
+
+def test_recorder_failure_does_not_stop_training(tmp_path, caplog):
+    out = str(tmp_path / "out")
+    env_config = {"agents": [0, 1], "episode_len": 30}
+    config = base_config(ScaledRewardsEnv, env_config, ["p_0", "p_1"], map_by_id, out, callback=FailingCallback)
+    with caplog.at_level(logging.ERROR, logger="reward_audit"):
+        results = train(config, 2)
+    assert results[-1]["training_iteration"] == 2
+    assert any("injected recorder failure" in (r.exc_text or "") or "on_episode_step failed" in r.getMessage() for r in caplog.records)
+    run = load_run(out)
+    assert run.manifest["capture_failures"] > 0
+    audit = compare(run)
+    assert any(f.verdict == Verdict.UNVERIFIED and f.key == "capture" for f in audit.findings)
