@@ -121,8 +121,6 @@ def find_runs(path_or_uri: str, max_depth: int = 4) -> list[str]:
         )
     if _is_audit_dir(fs, path):
         return [path]
-    if _is_audit_dir(fs, f"{path}/{schema.AUDIT_DIR_NAME}"):
-        return [f"{path}/{schema.AUDIT_DIR_NAME}"]
     found = []
     selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
     for entry in fs.get_file_info(selector):

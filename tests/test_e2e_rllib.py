@@ -180,3 +180,62 @@ def test_recorder_failure_does_not_stop_training(tmp_path, caplog):
     assert run.manifest["capture_failures"] > 0
     audit = compare(run)
     assert any(f.verdict == Verdict.UNVERIFIED and f.key == "capture" for f in audit.findings)
+
+
+def test_default_location_under_tune_is_the_trial_dir(tmp_path):
+    from ray import tune
+
+    try:
+        from ray.tune import RunConfig
+    except ImportError:  # older Ray
+        from ray.air import RunConfig
+    from ray.rllib.algorithms.ppo import PPO
+
+    env_config = {"agents": [0, 1], "episode_len": 30}
+    config = base_config(ScaledRewardsEnv, env_config, ["p_0", "p_1"], map_by_id, "unused").callbacks(RewardAuditCallback)
+    tuner = tune.Tuner(
+        PPO,
+        param_space=config,
+        run_config=RunConfig(storage_path=str(tmp_path), name="exp", stop={"training_iteration": 2}, verbose=0),
+    )
+    [result] = list(tuner.fit())
+    assert result.error is None
+    trial_dir = result.path
+    assert os.path.isfile(os.path.join(trial_dir, "reward_audit", "run.json"))
+    assert os.path.isfile(os.path.join(trial_dir, "result.json"))
+    run = load_run(trial_dir)
+    assert run.manifest["output_source"] == "trial dir"
+    assert run.iterations["iteration"].max() == 2
+    # The experiment dir works too (one section per trial).
+    from click.testing import CliRunner
+
+    from reward_audit.cli import main
+
+    cli = CliRunner().invoke(main, ["compare", str(tmp_path / "exp")])
+    assert cli.exit_code == 0, cli.output
+    assert f"== {os.path.basename(trial_dir)}" in cli.output
+
+
+def test_env_var_overrides_and_default_is_logdir(tmp_path, monkeypatch):
+    env_config = {"agents": [0, 1], "episode_len": 30}
+    monkeypatch.setenv("REWARD_AUDIT_DIR", str(tmp_path / "ci"))
+    config = base_config(ScaledRewardsEnv, env_config, ["p_0", "p_1"], map_by_id, str(tmp_path / "explicit"))
+    train(config, 1)
+    assert load_run(str(tmp_path / "ci")).manifest["output_source"] == "$REWARD_AUDIT_DIR"
+    assert not os.path.exists(tmp_path / "explicit")
+    # A second run into the same base folder gets its own sub-folder: runs never mix.
+    train(config, 1)
+    from reward_audit import load_runs
+
+    assert len(load_runs(str(tmp_path / "ci"))) == 2
+
+    monkeypatch.delenv("REWARD_AUDIT_DIR")
+    import shutil
+
+    algo = base_config(ScaledRewardsEnv, env_config, ["p_0", "p_1"], map_by_id, "x").callbacks(RewardAuditCallback).build_algo()
+    try:
+        algo.train()
+        assert load_run(algo.logdir).manifest["output_source"] == "algorithm.logdir"
+    finally:
+        algo.stop()
+        shutil.rmtree(algo.logdir, ignore_errors=True)
