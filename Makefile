@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed-ray-$(RAY_VERSION)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test docs check-docs bench clean
+.PHONY: install demo test docs bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)

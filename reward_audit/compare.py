@@ -288,7 +288,7 @@ def compare(run: Run | str, *, atol: float = 1e-6, rtol: float = 1e-5, max_evide
         for phase in sorted(set(truth["phase"])):
             findings.append(_unverified(phase, "run", "reported", 0, "no per-episode values from RLlib were captured in this phase; nothing to compare the raw rewards with"))
 
-    findings.sort(key=lambda f: (f.phase != Phase.TRAIN.value, f.phase, _SEVERITY.index(f.verdict), KIND_ORDER.get(f.kind, 9), f.key))
+    findings.sort(key=lambda f: (f.phase != Phase.TRAIN.value, f.phase, KIND_ORDER.get(f.kind, 9), f.key, _SEVERITY.index(f.verdict)))
     return Audit(run.path, run.name, run.manifest, tuple(findings), table.reset_index(drop=True))
 
 

@@ -170,10 +170,3 @@ def test_missing_or_empty_input_exits_2(tmp_path, make, expected):
     assert result.exit_code == 2
     assert expected in result.output and path in result.output
     assert len(result.output.strip().splitlines()) == 1
-
-
-def test_schema_command_matches_docs():
-    result = invoke("schema")
-    assert result.exit_code == 0
-    docs = os.path.join(os.path.dirname(__file__), "..", "docs", "schema.md")
-    assert open(docs).read() == result.output, "docs/schema.md is stale: run `make docs`"

@@ -1,0 +1,70 @@
+"""Sampling throughput with vs. without RewardAuditCallback, measured in one run.
+
+Builds the demo config twice (same env, same model; one with the callback, one without),
+then alternates rounds of ``env_runner.sample(num_timesteps=N)`` + ``get_metrics()`` + the
+driver-side drain/write on both, so machine noise hits both alike. Prints env steps per
+second for each and the ratio (with / without; 1.00 = no overhead).
+
+    python benchmarks/bench_overhead.py [--rounds 8] [--steps 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import ray
+from ray.rllib.algorithms.callbacks import DefaultCallbacks
+
+from reward_audit.capture.base import drain_runner
+from reward_audit.demo import demo_config
+from reward_audit.schema import Phase
+
+
+def build(with_callback: bool, out: str):
+    config = demo_config(out, evaluation=False, env_config={"episode_len": 100})
+    if not with_callback:
+        config = config.callbacks(callbacks_class=DefaultCallbacks)
+    return config.build_algo()
+
+
+def one_round(algo, steps: int, audited: bool) -> float:
+    runner = algo.env_runner
+    start = time.perf_counter()
+    runner.sample(num_timesteps=steps)
+    runner.get_metrics()
+    if audited:  # what on_train_result does once per iteration
+        callbacks = algo.callbacks if isinstance(algo.callbacks, list) else [algo.callbacks]
+        next(c for c in callbacks if hasattr(c, "_collector"))._collector.collect(algo, 1, (Phase.TRAIN,))
+    else:
+        drain_runner(runner)
+    return steps / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=2000)
+    args = parser.parse_args()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    out = tempfile.mkdtemp(prefix="reward_audit_bench_")
+    audited, plain = build(True, out), build(False, out)
+    for algo, flag in ((audited, True), (plain, False)):  # warm-up
+        one_round(algo, args.steps, flag)
+    with_cb, without_cb = [], []
+    for _ in range(args.rounds):
+        with_cb.append(one_round(audited, args.steps, True))
+        without_cb.append(one_round(plain, args.steps, False))
+    a, b = statistics.median(with_cb), statistics.median(without_cb)
+    print(f"env steps/s with callback:    {a:9.0f}  (median of {args.rounds} rounds of {args.steps} steps)")
+    print(f"env steps/s without callback: {b:9.0f}")
+    print(f"throughput ratio with/without: {a / b:.3f}  (overhead {100 * (1 - a / b):+.1f}%)")
+    audited.stop()
+    plain.stop()
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

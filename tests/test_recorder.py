@@ -1,0 +1,147 @@
+"""RunnerRecorder: rewards reach the right episode and chunk under each hook order."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from reward_audit.capture.base import install_tap
+from reward_audit.recorder import RunnerRecorder
+from reward_audit.schema import Phase
+
+
+class FakeEpisode:
+    def __init__(self, episode_id, mapping):
+        self.id_ = episode_id
+        self.mapping = mapping
+
+
+def recorder():
+    return RunnerRecorder(Phase.TRAIN, 0, mapping_of=lambda ep: ep.mapping)
+
+
+def rows(rec):
+    return pd.DataFrame(rec.drain()["raw_rewards"])
+
+
+def test_turn_based_pre_observation_rewards():
+    rec = recorder()
+    ep = FakeEpisode("e", {"w": "p", "b": "p"})
+    rec.episode_begins("e", 0, ep)
+    rec.tap_reset(0, {"w": 1})
+    rec.tap_step(0, {"b": 1}, {"w": 1.0, "b": -0.5})  # b paid with its first obs -> pre-obs
+    rec.episode_step("e", 0, ep)
+    rec.tap_step(0, {"w": 1}, {"b": 1.0, "w": -0.5})
+    rec.episode_step("e", 0, ep)
+    rec.sample_ends()
+    df = rows(rec).set_index("agent_id")
+    assert df.loc["b", "reward"] == 0.5 and df.loc["b", "pre_obs_reward"] == -0.5 and df.loc["b", "n_pre_obs"] == 1
+    assert df.loc["w", "reward"] == 0.5 and df.loc["w", "pre_obs_reward"] == 0.0
+    assert set(df["module_id"]) == {"p"}
+    assert not df["episode_done"].any()
+
+
+def test_chunks_follow_sample_calls_and_done_flag():
+    rec = recorder()
+    ep = FakeEpisode("e", {0: "p0"})
+    rec.episode_begins("e", 0, ep)
+    rec.tap_reset(0, {0: 1})
+    rec.tap_step(0, {0: 1}, {0: 1.0})
+    rec.episode_step("e", 0, ep)
+    rec.sample_ends()
+    rec.tap_step(0, {0: 1}, {0: 2.0})
+    rec.episode_step("e", 0, ep)
+    rec.episode_ends("e", 0, ep)
+    rec.sample_ends()
+    df = rows(rec)
+    assert list(df["chunk_seq"]) == [0, 1]
+    assert list(df["reward"]) == [1.0, 2.0]
+    assert list(df["episode_done"]) == [False, True]
+    assert list(df["agent_id_type"]) == ["int", "int"]
+
+
+def test_leftover_rewards_belong_to_the_previous_episode():
+    # A new episode is created on an index whose last step was never handed to a hook
+    # (evaluation's `break`): the tail belongs to the episode that was running there.
+    rec = recorder()
+    old, new = FakeEpisode("old", {0: "p"}), FakeEpisode("new", {0: "p"})
+    rec.episode_begins("old", 0, old)
+    rec.tap_reset(0, {0: 1})
+    rec.tap_step(0, {0: 1}, {0: 5.0})
+    rec.episode_begins("new", 0, new)
+    rec.tap_reset(0, {0: 1})
+    rec.tap_step(0, {0: 1}, {0: 7.0})
+    rec.episode_step("new", 0, new)
+    rec.sample_ends()
+    df = rows(rec).set_index("episode_id")
+    assert df.loc["old", "reward"] == 5.0 and df.loc["new", "reward"] == 7.0
+
+
+def test_sample_end_flushes_pending_into_current_episode_per_env():
+    rec = recorder()
+    a, b = FakeEpisode("a", {0: "p"}), FakeEpisode("b", {0: "p"})
+    rec.episode_begins("a", 0, a)
+    rec.episode_begins("b", 1, b)
+    rec.tap_step(0, {0: 1}, {0: 1.0})
+    rec.tap_step(1, {0: 1}, {0: 2.0})
+    rec.sample_ends()  # no step hooks ran for the last step
+    df = rows(rec).set_index("episode_id")
+    assert df.loc["a", "reward"] == 1.0 and df.loc["b", "reward"] == 2.0
+    assert df.loc["b", "env_index"] == 1
+
+
+def test_reported_values_are_zipped_with_stored_ids_in_order():
+    rec = recorder()
+    rec.metrics_call_begins(["x", "y"])
+    rec.reported_episode(None, 3.0, {"0": 1.0, "1": 2.0}, {"p": 3.0})
+    rec.reported_episode(None, 4.0, {"0": 4.0}, {"p": 4.0})
+    rec.metrics_call_ends()
+    rep = pd.DataFrame(rec.drain()["reported_episodes"])
+    assert set(rep[rep["episode_id"] == "x"]["value"]) == {1.0, 2.0, 3.0}
+    assert set(rep[rep["episode_id"] == "y"]["kind"]) == {"episode", "agent", "module"}
+    assert set(rep["metrics_call"]) == {0}
+    assert rec.metrics_call == 1 and rec.failures == 0
+
+
+def test_more_reports_than_stored_episodes_is_counted_not_raised():
+    rec = recorder()
+    rec.metrics_call_begins([])
+    rec.reported_episode(None, 1.0, {}, {})
+    rec.metrics_call_ends()
+    assert rec.failures == 1
+
+
+class BrokenRecorder(RunnerRecorder):
+    def tap_step(self, *args):
+        raise RuntimeError("boom")
+
+
+class Env:
+    def __init__(self):
+        self.t = 0
+
+    def reset(self, **kwargs):
+        return {0: 0}, {}
+
+    def step(self, actions):
+        self.t += 1
+        return {0: self.t}, {0: 1.0}, {"__all__": False}, {"__all__": False}, {}
+
+
+def test_tap_returns_env_result_unchanged_and_never_raises():
+    env = Env()
+    rec = BrokenRecorder(Phase.TRAIN, 0, mapping_of=lambda ep: {})
+    install_tap(env, rec, 0)
+    assert env.reset() == ({0: 0}, {})
+    assert env.step({0: 1}) == ({0: 1}, {0: 1.0}, {"__all__": False}, {"__all__": False}, {})
+    assert rec.failures == 1
+
+
+def test_retap_updates_target_instead_of_double_counting():
+    env = Env()
+    first, second = recorder(), recorder()
+    install_tap(env, first, 0)
+    install_tap(env, second, 3)
+    env.reset()
+    env.step({0: 1})
+    assert first._pending == {}
+    assert second._pending == {3: {0: [1.0, 1, 0.0, 0]}}
