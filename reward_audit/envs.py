@@ -152,3 +152,12 @@ def map_by_id(agent_id: Any, episode: Any = None, **kwargs: Any) -> str:
 def map_all_shared(agent_id: Any, episode: Any = None, **kwargs: Any) -> str:
     """Every agent -> module ``shared``."""
     return "shared"
+
+
+def map_seats_by_episode(agent_id: Any, episode: Any = None, **kwargs: Any) -> str:
+    """Self-play style: which of ``main`` / ``snapshot`` each agent plays depends on the episode."""
+    import zlib
+
+    episode_id = getattr(episode, "id_", None) or getattr(episode, "episode_id", 0)
+    flip = zlib.crc32(str(episode_id).encode()) % 2
+    return "main" if (int(agent_id) + flip) % 2 == 0 else "snapshot"

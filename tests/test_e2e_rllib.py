@@ -239,3 +239,22 @@ def test_env_var_overrides_and_default_is_logdir(tmp_path, monkeypatch):
     finally:
         algo.stop()
         shutil.rmtree(algo.logdir, ignore_errors=True)
+
+
+def test_per_episode_mapping_is_recorded_per_episode(tmp_path):
+    from reward_audit.envs import map_seats_by_episode
+
+    out = str(tmp_path / "out")
+    env_config = {"agents": [0, 1], "scales": [1.0, 10.0], "episode_len": 30}
+    config = base_config(ScaledRewardsEnv, env_config, ["main", "snapshot"], map_seats_by_episode, out)
+    train(config, 2)
+    run = load_run(out)
+    audit = compare(run)
+    only_clean_or_warnings(audit)
+    seats = run.raw.drop_duplicates(["episode_id", "agent_id"]).pivot(index="episode_id", columns="agent_id", values="module_id")
+    # Both seatings occur, and within an episode the two agents hold different modules.
+    assert (seats["0"] != seats["1"]).all()
+    assert set(seats["0"]) == {"main", "snapshot"}
+    main = next(f for f in audit.findings if (f.phase, f.kind, f.key) == ("train", "module", "main"))
+    # main's truth mixes 30 (agent 0) and 300 (agent 1) episodes.
+    assert 30 < main.truth < 300
