@@ -63,7 +63,7 @@ def explain(difference: float, features: pd.DataFrame, own: set[str], tol: float
         if leak:
             parts.append("+ " + " + ".join(f"agent {a}'s {p}-chunk rewards ({v:+.6g})" for a, p, v in leak))
         if drop:
-            parts.append("− " + " − ".join(f"agent {a}'s {p}-chunk rewards ({-v:+.6g})" for a, p, v in drop))
+            parts.append("− " + " − ".join(f"agent {a}'s {p}-chunk rewards ({-v:.6g})" for a, p, v in drop))
         verdict = "LEAK" if leak else "DROP"
         text = "reported = truth " + " ".join(parts)
         if leak and drop:

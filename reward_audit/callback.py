@@ -61,19 +61,29 @@ class RewardAuditCallback(DefaultCallbacks):
         train  module  p0   12        30.000   30.000    0     CLEAN
     """
 
-    #: Base folder or URI for the audit data; set through ``writing_to``.
+    #: Base folder or URI for the audit data; set through ``writing_to`` / ``configured``.
     OUTPUT: str | None = None
+    #: Self-test only: ``"leak"``, ``"drop"`` or ``"mismatch"`` corrupts RLlib's metrics.
+    INJECT_FAULT: str | None = None
+
+    @classmethod
+    def configured(cls, output: str | None = None, *, inject_fault: str | None = None) -> type["RewardAuditCallback"]:
+        """A subclass with options baked in as class attributes.
+
+        ``output``: base folder or ``pyarrow.fs`` URI. ``inject_fault``: deliberately corrupt
+        RLlib's per-episode metrics like Ray 2.12 (``"leak"``) or 2.53 (``"drop"``) did, to
+        prove a pipeline catches it (see ``capture/inject.py``). Built at runtime with a
+        local qualified name, so cloudpickle ships it to remote actors by value.
+        """
+        attrs = {"OUTPUT": None if output is None else str(output), "INJECT_FAULT": inject_fault, "__module__": cls.__module__}
+        configured = type(cls.__name__, (cls,), attrs)
+        configured.__qualname__ = f"{cls.__qualname__}.configured.<locals>.{cls.__name__}"
+        return configured
 
     @classmethod
     def writing_to(cls, path_or_uri: str) -> type["RewardAuditCallback"]:
-        """A subclass that writes under ``path_or_uri`` (local path or ``pyarrow.fs`` URI).
-
-        Built at runtime with a local qualified name, so cloudpickle ships it to remote
-        actors by value, ``OUTPUT`` included.
-        """
-        configured = type(cls.__name__, (cls,), {"OUTPUT": str(path_or_uri), "__module__": cls.__module__})
-        configured.__qualname__ = f"{cls.__qualname__}.writing_to.<locals>.{cls.__name__}"
-        return configured
+        """A subclass that writes under ``path_or_uri`` (local path or ``pyarrow.fs`` URI)."""
+        return cls.configured(path_or_uri, inject_fault=cls.INJECT_FAULT)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -105,7 +115,7 @@ class RewardAuditCallback(DefaultCallbacks):
     def on_algorithm_init(self, *, algorithm: Any, **kwargs: Any) -> None:
         adapter = self._adapter_for(algorithm.config)
         if adapter is not None:
-            self._collector = Collector(adapter, algorithm, self.OUTPUT)
+            self._collector = Collector(adapter, algorithm, self.OUTPUT, {"injected_fault": self.INJECT_FAULT})
 
     @_never_raise
     def on_train_result(self, *, algorithm: Any, result: dict, **kwargs: Any) -> None:
@@ -130,6 +140,8 @@ class RewardAuditCallback(DefaultCallbacks):
         adapter = self._adapter_for(kwargs["env_runner"].config)
         if adapter is not None:
             adapter.on_env(kwargs)
+            if self.INJECT_FAULT:
+                adapter.install_fault(kwargs["env_runner"], self.INJECT_FAULT)
 
     @_never_raise
     def on_sub_environment_created(self, **kwargs: Any) -> None:

@@ -89,16 +89,24 @@ def compare_cmd(path: str, as_json: bool, verbose: bool, fail_on: frozenset[Verd
 @main.command("demo")
 @click.option("--iterations", default=4, show_default=True, help="PPO training iterations.")
 @click.option("--out", "out", default=None, help="Where to record (default: a new temporary folder).")
+@click.option(
+    "--inject",
+    type=click.Choice(["leak", "drop", "mismatch"]),
+    default=None,
+    help="Self-test: corrupt RLlib's per-episode metrics like Ray 2.12 (leak) or 2.53 (drop) did; the audit must catch it.",
+)
 @audit_options
 @_one_line_errors
-def demo_cmd(iterations: int, out: str | None, as_json: bool, verbose: bool, fail_on: frozenset[Verdict], atol: float, rtol: float) -> None:
-    """Train a tiny 2-agent PPO run with the callback, then compare it."""
+def demo_cmd(iterations: int, out: str | None, inject: str | None, as_json: bool, verbose: bool, fail_on: frozenset[Verdict], atol: float, rtol: float) -> None:
+    """Train a tiny multi-agent PPO run with the callback, then compare it."""
     from .demo import run_demo
 
     out = out or tempfile.mkdtemp(prefix="reward_audit_demo_")
     if not as_json:
-        click.echo(f"training {iterations} PPO iterations on ScaledRewardsEnv (agents 0, 1 paid 1 and 10 per step), recording to {out} ...")
-    run_demo(out, iterations=iterations)
+        layout = "agents 0, 1, 2 paid 1, 10, 100 per step, one shared module" if inject == "drop" else "agents 0, 1 paid 1 and 10 per step"
+        fault = f", INJECTING fault {inject!r}" if inject else ""
+        click.echo(f"training {iterations} PPO iterations on ScaledRewardsEnv ({layout}){fault}, recording to {out} ...")
+    run_demo(out, iterations=iterations, inject=inject)
     sys.exit(_audit_and_print(out, as_json, verbose, fail_on, atol, rtol))
 
 

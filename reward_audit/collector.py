@@ -50,7 +50,7 @@ def resolve_output(adapter: Adapter, algorithm: Any, explicit: str | None) -> tu
 
 
 class Collector:
-    def __init__(self, adapter: Adapter, algorithm: Any, explicit: str | None):
+    def __init__(self, adapter: Adapter, algorithm: Any, explicit: str | None, extra: dict[str, Any] | None = None):
         self.adapter = adapter
         location, fs, source = resolve_output(adapter, algorithm, explicit)
         self.writer = RunWriter(location, fs)
@@ -58,7 +58,7 @@ class Collector:
         self.lock = threading.Lock()
         self.runner_failures: dict[str, int] = {}
         self.manifest = adapter.manifest(algorithm)
-        self.manifest.update({"output": location, "output_source": source})
+        self.manifest.update({"output": location, "output_source": source, **(extra or {})})
         self.writer.write_manifest(self.manifest)
         logger.info("reward_audit: recording to %s (%s)", location, source)
 

@@ -17,20 +17,40 @@ def agent_to_policy(agent_id: Any, episode: Any = None, **kwargs: Any) -> str:
     return f"p{agent_id}"
 
 
-def demo_config(output: str, *, num_env_runners: int = 0, evaluation: bool = True, env_config: dict | None = None) -> Any:
+def all_to_shared(agent_id: Any, episode: Any = None, **kwargs: Any) -> str:
+    """Every agent -> ``shared`` (the layout Ray 2.53's bug needed)."""
+    return "shared"
+
+
+def demo_config(
+    output: str,
+    *,
+    num_env_runners: int = 0,
+    evaluation: bool = True,
+    env_config: dict | None = None,
+    shared: bool = False,
+    inject: str | None = None,
+) -> Any:
+    """The demo's PPO config. ``shared=True``: three agents (paid 1, 10, 100) share one module."""
     from ray.rllib.algorithms.ppo import PPOConfig
 
     from .callback import RewardAuditCallback
     from .envs import ScaledRewardsEnv
 
+    if shared:
+        agents = {"agents": [0, 1, 2], "scales": [1.0, 10.0, 100.0]}
+        policies, mapping = {"shared"}, all_to_shared
+    else:
+        agents = {"agents": [0, 1], "scales": [1.0, 10.0]}
+        policies, mapping = {"p0", "p1"}, agent_to_policy
     config = (
         PPOConfig()
-        .environment(ScaledRewardsEnv, env_config={"agents": [0, 1], "scales": [1.0, 10.0], "episode_len": 30, **(env_config or {})})
-        .multi_agent(policies={"p0", "p1"}, policy_mapping_fn=agent_to_policy)
+        .environment(ScaledRewardsEnv, env_config={**agents, "episode_len": 30, **(env_config or {})})
+        .multi_agent(policies=policies, policy_mapping_fn=mapping)
         .env_runners(num_env_runners=num_env_runners, rollout_fragment_length=16, num_envs_per_env_runner=1)
         .training(train_batch_size_per_learner=128, minibatch_size=64, num_epochs=1, lr=1e-4)
         .rl_module(model_config={"fcnet_hiddens": [16]})
-        .callbacks(RewardAuditCallback.writing_to(output))
+        .callbacks(RewardAuditCallback.configured(output, inject_fault=inject))
         .debugging(log_level="ERROR")
     )
     if evaluation:
@@ -38,8 +58,12 @@ def demo_config(output: str, *, num_env_runners: int = 0, evaluation: bool = Tru
     return config
 
 
-def run_demo(output: str, iterations: int = 4) -> str:
-    """Train ``iterations`` PPO iterations recording to ``output``; returns the output folder."""
+def run_demo(output: str, iterations: int = 4, inject: str | None = None) -> str:
+    """Train ``iterations`` PPO iterations recording to ``output``; returns the output folder.
+
+    ``inject``: ``"leak"`` / ``"drop"`` / ``"mismatch"`` corrupts RLlib's metrics on purpose
+    (self-test); ``"drop"`` uses three agents sharing one module, as the Ray 2.53 bug needed.
+    """
     import ray
 
     os.makedirs(output, exist_ok=True)
@@ -47,7 +71,7 @@ def run_demo(output: str, iterations: int = 4) -> str:
     if started:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
-        algo = demo_config(output).build_algo()
+        algo = demo_config(output, shared=inject == "drop", inject=inject).build_algo()
         try:
             for _ in range(iterations):
                 algo.train()

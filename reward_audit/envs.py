@@ -48,6 +48,25 @@ class _Ledger:
                 f.write(json.dumps(line) + "\n")
 
 
+def _declare_spaces(env: MultiAgentEnv, obs_space: gym.Space, act_space: gym.Space) -> None:
+    """Give every agent the same spaces, in the form each Ray version reads.
+
+    * Ray 2.4x+: ``observation_spaces`` / ``action_spaces``, dicts keyed by agent id.
+    * Ray 2.1x: ``observation_space`` / ``action_space`` as a ``gym.spaces.Dict`` keyed by
+      agent id (RLlib's "preferred format"); the 2.12 experimental new stack fails without it
+      (``AgentToModuleMapping._map_space_if_necessary``: ``'Box' object has no attribute
+      'spaces'``). The flags skip 2.12's format probing; ``_agent_ids`` is what the 2.12
+      old stack asks for. 2.4x+ treats these attributes as old-stack fall-backs.
+    """
+    env.observation_spaces = {aid: obs_space for aid in env.agents}
+    env.action_spaces = {aid: act_space for aid in env.agents}
+    env.observation_space = gym.spaces.Dict(env.observation_spaces)
+    env.action_space = gym.spaces.Dict(env.action_spaces)
+    env._obs_space_in_preferred_format = True
+    env._action_space_in_preferred_format = True
+    env._agent_ids = set(env.agents)
+
+
 class ScaledRewardsEnv(MultiAgentEnv):
     """Every agent acts every step; agent i is paid ``scales[i]`` per step (times a random
     factor in [0.5, 1.5) if ``random_rewards``), whatever it does.
@@ -65,9 +84,7 @@ class ScaledRewardsEnv(MultiAgentEnv):
         self.episode_len = int(config.get("episode_len", 30))
         self.random_rewards = bool(config.get("random_rewards", False))
         self.rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
-        space = gym.spaces.Box(0.0, 1.0, (2,), np.float32)
-        self.observation_spaces = {aid: space for aid in self.agents}
-        self.action_spaces = {aid: gym.spaces.Discrete(2) for aid in self.agents}
+        _declare_spaces(self, gym.spaces.Box(0.0, 1.0, (2,), np.float32), gym.spaces.Discrete(2))
         self.ledger = _Ledger(config.get("ledger_dir"))
         self.t = 0
 
@@ -111,9 +128,7 @@ class TurnBasedEnv(MultiAgentEnv):
         self.episode_len = int(config.get("episode_len", 20))
         self.random_rewards = bool(config.get("random_rewards", False))
         self.rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
-        space = gym.spaces.Box(0.0, 1.0, (2,), np.float32)
-        self.observation_spaces = {aid: space for aid in self.agents}
-        self.action_spaces = {aid: gym.spaces.Discrete(2) for aid in self.agents}
+        _declare_spaces(self, gym.spaces.Box(0.0, 1.0, (2,), np.float32), gym.spaces.Discrete(2))
         self.ledger = _Ledger(config.get("ledger_dir"))
         self.t = 0
 

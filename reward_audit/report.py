@@ -26,7 +26,8 @@ def _num(x: float | None) -> str:
 
 def _header(audit: Audit) -> str:
     m = audit.manifest
-    return f"== {audit.name} (Ray {m.get('ray_version', '?')}, {m.get('api_stack', '?')} API stack, adapter {m.get('adapter', '?')}) — {audit.path}"
+    fault = f" [SELF-TEST: fault {m['injected_fault']!r} injected]" if m.get("injected_fault") else ""
+    return f"== {audit.name} (Ray {m.get('ray_version', '?')}, {m.get('api_stack', '?')} API stack, adapter {m.get('adapter', '?')}){fault} — {audit.path}"
 
 
 def render_table(findings: Iterable[Finding]) -> list[str]:

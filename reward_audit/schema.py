@@ -54,6 +54,8 @@ class Semantics(str, enum.Enum):
 class IterationSemantics(str, enum.Enum):
     MEAN_OF_EPISODE_SUMS = "mean_of_episode_sums"  # mean over episodes of a per-episode sum
     MEAN_OF_AGENT_EPISODES = "mean_of_agent_episodes"  # mean over (agent, episode) entries
+    MIN_OF_AGENT_EPISODES = "min_of_agent_episodes"  # min over (agent, episode) entries
+    MAX_OF_AGENT_EPISODES = "max_of_agent_episodes"  # max over (agent, episode) entries
     MIN_OF_EPISODE_SUMS = "min_of_episode_sums"
     MAX_OF_EPISODE_SUMS = "max_of_episode_sums"
 
@@ -186,6 +188,10 @@ MANIFEST_FIELDS = {
     "evaluation_interval": "Config value (null: no evaluation).",
     "iteration_semantics": "Per metric path pattern: what the dashboard number means.",
     "created_at": "UTC time the run started.",
+    "output": "Where the audit folder was written.",
+    "output_source": "Why there: `$REWARD_AUDIT_DIR`, `RewardAuditCallback.writing_to()`, `trial dir` or `algorithm.logdir`.",
+    "injected_fault": "Self-test fault deliberately injected into RLlib's metrics (`leak`, `drop`, `mismatch`), else null.",
+    "capture_failures": "Failures logged inside reward_audit while recording (absent when none).",
 }
 
 
@@ -225,6 +231,8 @@ def schema_markdown() -> str:
         IterationSemantics.MEAN_OF_AGENT_EPISODES: "Mean over (agent, episode) entries: a policy shared by k agents shows the per-agent mean.",
         IterationSemantics.MIN_OF_EPISODE_SUMS: "Minimum over the window's episodes.",
         IterationSemantics.MAX_OF_EPISODE_SUMS: "Maximum over the window's episodes.",
+        IterationSemantics.MIN_OF_AGENT_EPISODES: "Minimum over (agent, episode) entries (old-stack / Ray 2.1x `policy_reward_min`).",
+        IterationSemantics.MAX_OF_AGENT_EPISODES: "Maximum over (agent, episode) entries (old-stack / Ray 2.1x `policy_reward_max`).",
     }
     lines += [f"| `{k.value}` | {v} |" for k, v in meaning.items()]
     return "\n".join(lines) + "\n"

@@ -63,8 +63,8 @@ def test_ray_2_53_shared_module_overwrite_is_drop(tmp_path):
     f = finding(audit, "train", "module", "shared")
     assert f.verdict == Verdict.DROP
     assert f.evidence[0].difference == -220.0
-    assert "agent a's final-chunk rewards (+20)" in f.evidence[0].explanation
-    assert "agent b's final-chunk rewards (+200)" in f.evidence[0].explanation
+    assert "agent a's final-chunk rewards (20)" in f.evidence[0].explanation
+    assert "agent b's final-chunk rewards (200)" in f.evidence[0].explanation
     assert finding(audit, "train", "agent", "c").verdict == Verdict.CLEAN
 
 

@@ -132,6 +132,10 @@ class Adapter:
     def reported_at_episode_end(self, recorder: RunnerRecorder, episode: Any) -> None:
         """Old stack only: RLlib's per-episode values are read in ``on_episode_end``."""
 
+    def install_fault(self, runner: Any, fault: str) -> None:
+        """Self-test: corrupt RLlib's per-episode metrics on ``runner`` (``capture/inject.py``)."""
+        raise NotImplementedError(f"fault injection is not available for the {self.name} adapter")
+
     # ------------------------------------------------------------- driver side
 
     def runner_groups(self, algorithm: Any) -> list[tuple[Any, Phase]]:

@@ -96,6 +96,11 @@ class NewStackAdapter(Adapter):
         runner._log_episode_metrics = log_episode_metrics
         runner.__dict__["_reward_audit_metrics_wrapped"] = True
 
+    def install_fault(self, runner: Any, fault: str) -> None:
+        from .inject import install_fault
+
+        install_fault(runner, fault)
+
     def config_summary(self, config: Any) -> dict[str, Any]:
         return {
             "rollout_fragment_length": config.rollout_fragment_length,

@@ -1,0 +1,182 @@
+"""Capture adapter: RLlib's *experimental* new API stack, Ray 2.10 – 2.2x.
+
+Selected with ``config.experimental(_enable_new_api_stack=True)`` plus
+``config.rollouts(env_runner_cls=MultiAgentEnvRunner)``. Only Ray 2.12.0 was verified
+(installed source and real runs); the other 2.1x/2.2x releases are routed here by
+``detect()`` on the assumption that they share 2.12's ``MultiAgentEnvRunner`` — a release
+that does not will show up as capture failures (``UNVERIFIED``), never as a crash.
+
+Change log — what the numbers mean (line numbers: Ray 2.12.0,
+``ray/rllib/env/multi_agent_env_runner.py``):
+
+* per-episode values: ``get_metrics()`` (:573-608) walks ``_done_episodes_for_metrics`` and
+  returns one ``RolloutMetrics(episode_length, episode_reward, agent_rewards)`` per done
+  episode, in that order, with ``agent_rewards = {(agent_id, module_id): return}`` (agent
+  ids keep their type, e.g. ``int``). We wrap ``get_metrics`` on the runner instance,
+  snapshot the episode ids before calling it and zip them with the returned list, recording
+  kind ``policy`` rows: that list is what the driver's ``summarize_episodes``
+  (``evaluation/metrics.py``) turns into ``policy_reward_mean/<pid>`` (one entry per
+  (agent, episode)) and ``episode_reward_mean``.
+* **the chunk leak (Ray 2.12):** for an episode that spanned several ``sample()`` calls,
+  :588-595 adds the *whole multi-agent* return of each earlier chunk (``eps2.get_return()``)
+  to every ``(agent, module)`` key, so
+
+      reported(a → m) = a's return in the final chunk
+                        + Σ over earlier chunks of the return of *all* agents
+
+  i.e. truth(a) + every other agent's earlier-chunk rewards. ``episode_reward`` is right.
+  Single-chunk episodes are right. Reported upstream in ray-project/ray PR #45057
+  ("Fix wrong returns in multi agent partially returned episodes", closed unmerged) and
+  fixed by PR #45543 ("[RLlib] Fix metrics bug (wrt individual agent returns) in
+  `MultiAgentEnvRunner`", merged). Which release first shipped the fix is not verified
+  here; 2.53's ``get_metrics`` sums per agent (``agent_episode_returns[...] += return_sa``).
+* evaluation: ``evaluation_duration_unit="episodes"`` samples whole episodes through
+  ``_sample_episodes`` (:398-568), which never stores earlier chunks, so evaluation is
+  clean side by side with a leaking training phase. ``evaluation_duration="auto"`` with
+  ``evaluation_parallel_to_training=True`` samples *timesteps* on remote evaluation runners
+  (``Algorithm._evaluate_with_auto_duration``, ``algorithms/algorithm.py:1129-1138``): episodes
+  are cut into chunks there too and evaluation leaks the same way.
+* dashboards: ``policy_reward_mean/<pid>`` (+ ``_min``/``_max``) and
+  ``episode_reward_mean/min/max``, at the top level and again under ``sampler_results/``;
+  evaluation under ``evaluation/``. Training values are smoothed on the driver over the last
+  ``max(S, n_new)`` episodes (``Algorithm._episode_history``); evaluation summarizes only
+  that ``evaluate()`` call's episodes.
+* raw rewards: one env per runner, no vectorization (``num_envs_per_worker > 1`` is refused),
+  ``env_index`` is always 0 (:776-784). ``on_environment_created`` receives ``env=self.env``,
+  the ``gym.make`` result (an ``OrderEnforcing`` wrapper) whose ``step`` the runner calls
+  (:282, :493); we tap that object. Local runners (train and evaluation) always build an env,
+  even with remote runners (:58).
+* hook order: training (``_sample_timesteps``, :320-360) fires ``on_episode_step`` on the final
+  step too, then ``on_episode_end``, ``on_episode_created``, ``env.reset()``,
+  ``on_episode_start``; evaluation (``_sample_episodes``, :415-433) resets the env *before*
+  ``on_episode_created``. The recorder's rules hold for both: a reset only replaces the
+  set of agents observed on that env index (used to classify later rewards), pending rewards
+  are always empty at a reset (every step is followed by a step/end hook, and every
+  ``sample()`` by ``on_sample_end``), so no reward changes episode; ``tests/test_recorder.py``
+  replays both orders.
+* mapping: ``MultiAgentEpisode.agent_episodes[aid].module_id`` plus the private
+  ``_agent_to_module_mapping`` (``env/multi_agent_episode.py:184``, filled by ``module_for``
+  at :992-1012). ``cut()`` carries the module ids into the continuation chunk (:960-962).
+* driver side: ``algorithm.workers`` / ``algorithm.evaluation_workers`` (``WorkerSet``),
+  ``foreach_worker(fn, local_worker=True)`` (``evaluation/worker_set.py:739-793``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+from ..recorder import RunnerRecorder
+from ..schema import IterationSemantics as S
+from ..schema import Kind, Phase
+from .base import Adapter, _qualname, install_tap
+
+logger = logging.getLogger("reward_audit")
+
+_RESULT_PATHS = (
+    ("policy_reward_mean/", Kind.POLICY, S.MEAN_OF_AGENT_EPISODES.value),
+    ("policy_reward_min/", Kind.POLICY, S.MIN_OF_AGENT_EPISODES.value),
+    ("policy_reward_max/", Kind.POLICY, S.MAX_OF_AGENT_EPISODES.value),
+    ("episode_reward_mean", Kind.EPISODE, S.MEAN_OF_EPISODE_SUMS.value),
+    ("episode_reward_min", Kind.EPISODE, S.MIN_OF_EPISODE_SUMS.value),
+    ("episode_reward_max", Kind.EPISODE, S.MAX_OF_EPISODE_SUMS.value),
+)
+
+
+class ExperimentalNewStackAdapter(Adapter):
+    name = "experimental-new-stack-2.1x"
+    api_stack = "new"
+    # Top level and the `sampler_results/` copies (same numbers, both shown by Tune).
+    iteration_paths = _RESULT_PATHS + tuple((f"sampler_results/{p}", k, s) for p, k, s in _RESULT_PATHS)
+
+    # ------------------------------------------------------------- runner side
+
+    def mapping_of(self, episode: Any) -> dict:
+        mapping = {aid: sa.module_id for aid, sa in episode.agent_episodes.items()}
+        # Agents mapped but without a single-agent episode yet (private; read, never forced).
+        for aid, mid in (getattr(episode, "_agent_to_module_mapping", None) or {}).items():
+            mapping.setdefault(aid, mid)
+        return mapping
+
+    def episode_id(self, episode: Any, recorder: RunnerRecorder) -> str:
+        return str(episode.id_)
+
+    def on_env(self, kwargs: dict) -> RunnerRecorder | None:
+        runner = kwargs["env_runner"]
+        recorder = self.recorder_for(runner)
+        env = getattr(runner, "env", None) or kwargs.get("env")
+        if env is None or not hasattr(env, "step"):
+            raise TypeError(f"expected the runner's env (a gym wrapper around a MultiAgentEnv), got {type(env).__name__}")
+        install_tap(env, recorder, 0)  # 2.12: one env per runner, env_index always 0
+        self._wrap_metrics(runner, recorder)
+        return recorder
+
+    def _wrap_metrics(self, runner: Any, recorder: RunnerRecorder) -> None:
+        if runner.__dict__.get("_reward_audit_metrics_wrapped"):
+            return
+        original_get_metrics = runner.get_metrics
+
+        def get_metrics(*args: Any, **kwargs: Any) -> Any:
+            try:
+                # RLlib returns one RolloutMetrics per stored episode, in this order.
+                ids = [str(e.id_) for e in runner._done_episodes_for_metrics]
+            except Exception:
+                ids = []
+                recorder.failures += 1
+                logger.exception("reward_audit: could not read the episodes get_metrics() will report")
+            recorder.metrics_call_begins(ids)
+            try:
+                metrics = original_get_metrics(*args, **kwargs)
+            except BaseException:
+                recorder.metrics_call_begins([])  # RLlib's own error: nothing was reported
+                recorder.metrics_call_ends()
+                raise
+            try:
+                # Zip: `episode_id=None` takes the next snapshotted id; a length mismatch
+                # either way is counted and logged by the recorder.
+                for m in metrics:
+                    recorder.reported_episode(
+                        None,
+                        m.episode_reward,
+                        agents=None,
+                        modules=None,
+                        policies=dict(m.agent_rewards),  # {(agent_id, module_id): return}
+                    )
+            except Exception:
+                recorder.failures += 1
+                logger.exception("reward_audit: could not record RLlib's per-episode returns (get_metrics() returned %s)", type(metrics).__name__)
+            finally:
+                recorder.metrics_call_ends()
+            return metrics
+
+        runner.get_metrics = get_metrics
+        runner.__dict__["_reward_audit_metrics_wrapped"] = True
+
+    # ------------------------------------------------------------- driver side
+
+    def runner_groups(self, algorithm: Any) -> list[tuple[Any, Phase]]:
+        groups = []
+        if getattr(algorithm, "workers", None) is not None:
+            groups.append((algorithm.workers, Phase.TRAIN))
+        if getattr(algorithm, "evaluation_workers", None) is not None:
+            groups.append((algorithm.evaluation_workers, Phase.EVALUATION))
+        return groups
+
+    def foreach_runner(self, group: Any, fn: Callable[[Any], Any]) -> list:
+        # 2.12 defaults to healthy_only=False, which would call into dead actors.
+        return group.foreach_worker(fn, local_worker=True, healthy_only=True)
+
+    def config_summary(self, config: Any) -> dict[str, Any]:
+        return {
+            "env_runner_cls": _qualname(getattr(config, "env_runner_cls", None)),
+            "rollout_fragment_length": config.rollout_fragment_length,
+            "batch_mode": getattr(config, "batch_mode", None),
+            "num_rollout_workers": config.num_rollout_workers,
+            "num_envs_per_worker": config.num_envs_per_worker,
+            "evaluation_num_workers": getattr(config, "evaluation_num_workers", None),
+            "evaluation_duration": getattr(config, "evaluation_duration", None),
+            "evaluation_duration_unit": getattr(config, "evaluation_duration_unit", None),
+            "evaluation_parallel_to_training": getattr(config, "evaluation_parallel_to_training", None),
+            "evaluation_force_reset_envs_before_iteration": getattr(config, "evaluation_force_reset_envs_before_iteration", None),
+            "smoothing_model": "train: driver history, the last max(S, new episodes) episodes; evaluation: that evaluate() call's episodes",
+        }
