@@ -10,7 +10,7 @@ idea). No pytest import here.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
 
 from .compare import FAILURES, Audit, Verdict, compare
 from .report import render_text
@@ -59,3 +59,20 @@ def assert_no_leakage(
         lines.append("Get the data: `reward_audit.compare(path).episodes` (a DataFrame, one row per episode and key)")
         raise RewardLeakageError("\n".join(lines), audits, failing)
     return audits
+
+
+def train_and_audit(config: Any, iterations: int, folder: str, **callback_options: Any) -> Audit:
+    """Train ``config`` (an ``AlgorithmConfig``) for ``iterations`` with the callback writing
+    to ``folder`` (added to the config's callbacks, not replacing them), then audit it."""
+    from .callback import RewardAuditCallback
+    from .capture import with_audit_callback
+
+    callback = RewardAuditCallback.configured(folder, **callback_options)
+    algo = with_audit_callback(config.copy(copy_frozen=False), callback).build_algo()
+    try:
+        for _ in range(iterations):
+            algo.train()
+    finally:
+        algo.stop()
+    [run] = load_runs(folder)
+    return compare(run)
