@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from .attribution import explain
+from .dashboard import audit_dashboard
 from .schema import Kind, Phase, Semantics
 from .store import Run, load_run
 
@@ -113,6 +114,7 @@ class Audit:
     manifest: dict[str, Any]
     findings: tuple[Finding, ...]
     episodes: pd.DataFrame
+    dashboard: tuple = ()  # DashboardSeries: what train()/Tune/TensorBoard showed, rebuilt
 
     def failures(self, fail_on: Iterable[Verdict | str] = FAILURES) -> list[Finding]:
         wanted = {Verdict(v.upper()) if isinstance(v, str) else v for v in fail_on}
@@ -146,6 +148,19 @@ class Audit:
             "ok": self.ok,
             "counts": self.counts(),
             "findings": [f.to_dict() for f in self.findings],
+            "dashboard": [
+                {
+                    "phase": d.phase,
+                    "path": d.path,
+                    "kind": d.kind,
+                    "key": d.key,
+                    "wrong_iterations": d.wrong_iterations,
+                    "first_wrong": d.first_wrong,
+                    "unreconstructable_iterations": d.unreconstructable,
+                    "summary": d.summary(),
+                }
+                for d in self.dashboard
+            ],
         }
 
 
@@ -289,7 +304,9 @@ def compare(run: Run | str, *, atol: float = 1e-6, rtol: float = 1e-5, max_evide
             findings.append(_unverified(phase, "run", "reported", 0, "no per-episode values from RLlib were captured in this phase; nothing to compare the raw rewards with"))
 
     findings.sort(key=lambda f: (f.phase != Phase.TRAIN.value, f.phase, KIND_ORDER.get(f.kind, 9), f.key, _SEVERITY.index(f.verdict)))
-    return Audit(run.path, run.name, run.manifest, tuple(findings), table.reset_index(drop=True))
+    table = table.reset_index(drop=True)
+    dashboard = tuple(audit_dashboard(run, table, atol=atol, rtol=rtol))
+    return Audit(run.path, run.name, run.manifest, tuple(findings), table, dashboard)
 
 
 def _finding(phase: str, kind: str, key: str, rows: pd.DataFrame, max_evidence: int) -> Finding:

@@ -54,6 +54,13 @@ def render_text(audit: Audit, *, verbose: bool = False, fail_on: Iterable[Verdic
                     f"           episode {e.episode_id} (runner {e.runner_id},{who} {e.chunks} chunks): truth {e.truth:.6g}, "
                     f"reported {e.reported:.6g}, diff {e.difference:+.6g} — {e.explanation}"
                 )
+    off = [d for d in audit.dashboard if d.wrong_iterations or d.unreconstructable]
+    if off:
+        lines.append("")
+        lines.append("dashboards (the train() result / Tune / TensorBoard, rebuilt from the truth):")
+        lines += [f"  {d.summary()}" for d in off]
+    elif audit.dashboard:
+        lines.append(f"dashboards: all {len(audit.dashboard)} recorded series match the truth")
     if notable and not verbose and any(f.evidence for f in notable):
         lines.append("(`--verbose` shows the episodes that prove each finding)")
     counts = audit.counts()

@@ -81,6 +81,15 @@ def assert_raw_matches_ledger(run, ledger_lines):
     assert recorded == expected
 
 
+def assert_dashboards_match(audit):
+    """Every recorded dashboard number is reproduced from RLlib's per-episode values by our
+    window model (to float tolerance) and equals what the truth gives."""
+    assert len(audit.dashboard) >= 5
+    for d in audit.dashboard:
+        assert not d.unreconstructable, (d.path, d.table.to_string())
+        assert not d.wrong_iterations, (d.path, d.table.to_string())
+
+
 def only_clean_or_warnings(audit, allowed=(Verdict.CLEAN, Verdict.INCOMPLETE)):
     bad = [str(f) for f in audit.findings if f.verdict not in allowed]
     assert not bad, "\n".join(bad)
@@ -108,6 +117,7 @@ def test_simultaneous_scales_multichunk_two_envs_with_evaluation(tmp_path):
     assert 15000 < p1.truth < 45000  # 30 steps x 1000 x U(0.5, 1.5)
     assert_raw_matches_ledger(run, ledger(led))
     # The dashboard numbers were recorded too.
+    assert_dashboards_match(audit)
     paths = set(run.iterations["path"])
     assert "env_runners/module_episode_returns_mean/p_1" in paths
     assert "evaluation/env_runners/agent_episode_returns_mean/0" in paths
@@ -157,6 +167,7 @@ def test_remote_env_runner_with_remote_evaluation(tmp_path):
     assert set(run.raw["worker_index"]) == {1}  # remote runners only
     assert {"train", "evaluation"} <= set(run.raw["phase"])
     assert_raw_matches_ledger(run, ledger(led))
+    assert_dashboards_match(audit)
 
 
 class FailingCallback(RewardAuditCallback):

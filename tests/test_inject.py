@@ -58,6 +58,10 @@ def test_injected_leak_is_leak_from_the_other_agents_earlier_chunks(tmp_path):
     eps = audit.episodes[(audit.episodes["kind"] == "module") & (audit.episodes["chunks"] == 1)]
     assert (eps["verdict"] == "CLEAN").all()
     assert audit.manifest["injected_fault"] == "leak"
+    # What the dashboard showed for p0 was wrong from the first iteration on.
+    [series] = [d for d in audit.dashboard if d.path == "env_runners/module_episode_returns_mean/p0"]
+    assert series.first_wrong == 1 and not series.unreconstructable
+    assert (series.table["displayed"] > series.table["expected"] + 100).all()
 
 
 def test_injected_drop_names_the_missing_agents(tmp_path):

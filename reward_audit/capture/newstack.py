@@ -110,5 +110,6 @@ class NewStackAdapter(Adapter):
             "evaluation_duration": getattr(config, "evaluation_duration", None),
             "evaluation_duration_unit": getattr(config, "evaluation_duration_unit", None),
             "evaluation_parallel_to_training": getattr(config, "evaluation_parallel_to_training", None),
-            "smoothing_model": "nan-mean of per-(runner, get_metrics call) means over the last ceil(S/num_env_runners) episodes",
+            # nan-mean of per-(runner, get_metrics call) means over the last ceil(S / num_env_runners) episodes
+            "smoothing_model": "per_call_window",
         }

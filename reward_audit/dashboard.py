@@ -1,0 +1,164 @@
+"""Audit what the dashboards showed: rebuild every recorded per-iteration number (the
+``train()`` result, i.e. Tune's result.json and TensorBoard) from the per-episode values,
+twice — once from RLlib's own per-episode values (to prove our window model reproduces
+RLlib exactly) and once from the truth (what the dashboard should have shown).
+
+Window models (RLLIB_NOTES §6), chosen by the manifest's ``smoothing_model``:
+
+* ``per_call_window`` (Ray 2.4x – 2.60 new stack): each runner keeps the last
+  ``ceil(S / max(num_env_runners, 1))`` values per key and every ``get_metrics()`` call
+  reduces and clears them; the iteration's value is the nan-mean of the per-(runner, call)
+  means. Nothing carries over between iterations.
+* ``driver_history`` (Ray 2.12 and the old stack): the driver keeps the episode history;
+  an iteration's value covers the last ``max(S, n_new)`` episodes; evaluation covers only
+  that evaluation's episodes.
+
+Where the model does not reproduce RLlib's displayed value from RLlib's own per-episode
+values (missing data), the row says so and only bounds the truth (min..max of the truth
+over the iteration's episodes) instead of claiming a number.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from .schema import IterationSemantics, Kind
+
+_REDUCERS = {
+    IterationSemantics.MEAN_OF_EPISODE_SUMS.value: np.mean,
+    IterationSemantics.MEAN_OF_AGENT_EPISODES.value: np.mean,
+    IterationSemantics.MIN_OF_EPISODE_SUMS.value: np.min,
+    IterationSemantics.MAX_OF_EPISODE_SUMS.value: np.max,
+}
+
+
+@dataclass(frozen=True, eq=False)
+class DashboardSeries:
+    """One dashboard series (phase, metric path) rebuilt per iteration."""
+
+    phase: str
+    path: str
+    kind: str
+    key: str | None
+    table: pd.DataFrame  # iteration, displayed, rebuilt, expected, difference, model_ok, low, high
+
+    @property
+    def wrong_iterations(self) -> list[int]:
+        t = self.table
+        return [int(i) for i in t.loc[t["model_ok"] & ~t["agrees"], "iteration"]]
+
+    @property
+    def first_wrong(self) -> int | None:
+        wrong = self.wrong_iterations
+        return wrong[0] if wrong else None
+
+    @property
+    def unreconstructable(self) -> list[int]:
+        return [int(i) for i in self.table.loc[~self.table["model_ok"], "iteration"]]
+
+    def summary(self) -> str:
+        key = f" {self.key}" if self.key is not None else ""
+        wrong = self.wrong_iterations
+        if wrong:
+            t = self.table[self.table["iteration"].isin(wrong)]
+            worst = t.loc[t["difference"].abs().idxmax()]
+            text = (
+                f"{self.phase} {self.path}: off in {len(wrong)}/{len(self.table)} iterations since iteration {wrong[0]} "
+                f"(worst: iteration {int(worst['iteration'])} showed {worst['displayed']:.6g}, truth {worst['expected']:.6g})"
+            )
+        else:
+            text = f"{self.phase} {self.path}: matches the truth in all {len(self.table) - len(self.unreconstructable)} reconstructed iterations"
+        if self.unreconstructable:
+            text += f"; {len(self.unreconstructable)} iterations could not be rebuilt exactly (bounded only)"
+        return text.replace(f"{self.path}{key}", self.path)
+
+
+def _window_values(rows: pd.DataFrame, model: str, iteration: int, window: int, evaluation: bool, column: str) -> np.ndarray | list[np.ndarray]:
+    if model == "per_call_window":
+        now = rows[rows["iteration"] == iteration]
+        return [g[column].to_numpy()[-window:] for _, g in now.groupby(["runner_id", "metrics_call"], sort=False)]
+    if evaluation:
+        return rows.loc[rows["iteration"] == iteration, column].to_numpy()
+    upto = rows[rows["iteration"] <= iteration]
+    episodes = upto.drop_duplicates(["runner_id", "episode_id"])
+    n_new = int((episodes["iteration"] == iteration).sum())
+    keep = episodes.tail(max(window, n_new))[["runner_id", "episode_id"]]
+    return upto.merge(keep, on=["runner_id", "episode_id"])[column].to_numpy()
+
+
+def _reduce(values: np.ndarray | list[np.ndarray], model: str, reducer) -> float:
+    if model == "per_call_window":
+        # Each (runner, call) reduces its window; the driver merges means by nan-mean and
+        # min/max by min/max.
+        per_call = [float(reducer(v)) for v in values if len(v)]
+        merge = reducer if reducer in (np.min, np.max) else np.mean
+        return float(merge(per_call)) if per_call else math.nan
+    return float(reducer(values)) if len(values) else math.nan
+
+
+def _select(episodes: pd.DataFrame, kind: str, key: str | None) -> pd.DataFrame:
+    e = episodes[episodes["kind"] == kind]
+    if kind == Kind.AGENT.value:
+        return e[e["agent_id"] == key]
+    if kind in (Kind.MODULE.value, Kind.POLICY.value):
+        return e[e["module_id"] == key]
+    return e
+
+
+def audit_dashboard(run, episodes: pd.DataFrame, *, atol: float = 1e-6, rtol: float = 1e-5) -> list[DashboardSeries]:
+    """Rebuild each recorded dashboard series; ``episodes`` is ``compare(run).episodes``."""
+    manifest = run.manifest
+    model = manifest.get("smoothing_model")
+    if model not in ("per_call_window", "driver_history") or run.iterations.empty or episodes.empty:
+        return []
+    S = int(manifest.get("metrics_num_episodes_for_smoothing") or 100)
+    order = run.reported.reset_index().rename(columns={"index": "order"})
+    meta = order[["runner_id", "episode_id", "kind", "agent_id", "module_id", "metrics_call", "iteration", "order"]]
+    eps = episodes[~episodes["missing_report"]].drop(columns=["metrics_call", "iteration"], errors="ignore").merge(meta, on=["runner_id", "episode_id", "kind", "agent_id", "module_id"])
+    eps = eps.sort_values("order")
+    series = []
+    for (phase, path, kind, key, semantics), rows in run.iterations.groupby(["phase", "path", "kind", "key", "semantics"], dropna=False, sort=False):
+        reducer = _REDUCERS.get(semantics)
+        if reducer is None:
+            continue
+        key = None if isinstance(key, float) and math.isnan(key) else key
+        selected = _select(eps[eps["phase"] == phase], kind, key)
+        evaluation = phase == "evaluation"
+        runners = manifest.get("evaluation_num_env_runners") if evaluation else manifest.get("num_env_runners")
+        window = S if model == "driver_history" else max(1, math.ceil(S / max(int(runners or 0), 1)))
+        out: list[dict] = []
+        for r in rows.sort_values("iteration").itertuples(index=False):
+            it = int(r.iteration)
+            now = selected.loc[selected["iteration"] == it, "truth"]
+            if evaluation and not len(now) and out:
+                # No evaluation in this iteration: RLlib keeps showing the last evaluation's values.
+                rebuilt, expected, low, high = out[-1]["rebuilt"], out[-1]["expected"], out[-1]["low"], out[-1]["high"]
+            else:
+                rebuilt = _reduce(_window_values(selected, model, it, window, evaluation, "reported"), model, reducer)
+                expected = _reduce(_window_values(selected, model, it, window, evaluation, "truth"), model, reducer)
+                low, high = (float(now.min()), float(now.max())) if len(now) else (math.nan, math.nan)
+            displayed = float(r.value)
+            both_nan = math.isnan(displayed) and math.isnan(rebuilt)
+            model_ok = both_nan or (not math.isnan(rebuilt) and abs(displayed - rebuilt) <= atol + rtol * abs(displayed))
+            agrees = (math.isnan(displayed) and math.isnan(expected)) or (
+                not math.isnan(expected) and abs(displayed - expected) <= atol + rtol * max(abs(displayed), abs(expected))
+            )
+            out.append(
+                {
+                    "iteration": it,
+                    "displayed": displayed,
+                    "rebuilt": rebuilt,
+                    "expected": expected,
+                    "difference": displayed - expected,
+                    "model_ok": bool(model_ok),
+                    "agrees": bool(agrees),
+                    "low": low,
+                    "high": high,
+                }
+            )
+        series.append(DashboardSeries(phase, path, kind, key, pd.DataFrame(out)))
+    return series
