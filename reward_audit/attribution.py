@@ -16,6 +16,7 @@ all but one of the module's agents (RLLIB_NOTES §5).
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -75,3 +76,63 @@ def explain(difference: float, features: pd.DataFrame, own: set[str], tol: float
     if others:
         text += f"; equally explained by {len(others)} other combination(s), e.g. {sorted(others)[0][len('reported = truth '):]}"
     return verdict, text
+
+
+# --------------------------------------------------------------------------- across episodes
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """Least-squares composition of one key's reported values from the agents' true rewards
+    over its affected episodes: ``reported ≈ Σ coefficient × feature``."""
+
+    terms: tuple[tuple[str, float], ...]  # (feature, coefficient), |coefficient| >= 0.01
+    r2: float
+    max_residual: float
+    episodes: int
+    unseparable: tuple[tuple[str, ...], ...] = ()  # feature groups the data cannot tell apart
+
+    def formula(self, name: str = "reported") -> str:
+        if not self.terms:
+            return f"{name} ≈ 0"
+        body = " + ".join(f"{c:.2f} × {f}" for f, c in self.terms).replace("+ -", "− ")
+        text = f"{name} ≈ {body} (R² {self.r2:.4f}, max residual {self.max_residual:.3g}, {self.episodes} episodes)"
+        if self.unseparable:
+            groups = "; ".join(" / ".join(g) for g in self.unseparable)
+            text += f"; the data cannot separate: {groups} (collinear in these episodes — coefficients among them are not unique)"
+        return text
+
+
+def feature_row(features: pd.DataFrame, own: set[str]) -> dict[str, float]:
+    """An episode's features: each agent's earlier / final-chunk counted rewards, labelled
+    own (mapped to the key) or other."""
+    row = {}
+    for agent, values in features.iterrows():
+        side = "own" if agent in own else "other"
+        for part in ("earlier", "final"):
+            row[f"agent {agent} {part} chunks ({side})"] = float(values[part])
+    return row
+
+
+def fit(reported: np.ndarray, rows: list[dict[str, float]], tol: float = 1e-9) -> Attribution:
+    """Solve ``reported ≈ X β`` (minimum-norm least squares) and say what it cannot separate."""
+    X = pd.DataFrame(rows).fillna(0.0)
+    X = X.loc[:, (X.abs() > tol).any(axis=0)]
+    y = np.asarray(reported, dtype=float)
+    if X.shape[1] == 0:
+        return Attribution((), 0.0, float(np.abs(y).max()) if len(y) else 0.0, len(y))
+    A = X.to_numpy()
+    beta, *_ = np.linalg.lstsq(A, y, rcond=None)
+    residual = y - A @ beta
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    r2 = 1.0 - float((residual**2).sum()) / ss_tot if ss_tot > 0 else (1.0 if np.allclose(residual, 0) else 0.0)
+    # Columns involved in the null space cannot be told apart by these episodes.
+    _, s, vt = np.linalg.svd(A / np.maximum(np.abs(A).max(axis=0), 1e-300), full_matrices=True)
+    rank = int((s > 1e-9 * s.max()).sum()) if len(s) else 0
+    groups: list[tuple[str, ...]] = []
+    for v in vt[rank:]:
+        group = tuple(c for c, w in zip(X.columns, v) if abs(w) > 1e-6)
+        if len(group) > 1 and group not in groups:
+            groups.append(group)
+    terms = tuple((c, float(b)) for c, b in zip(X.columns, beta) if abs(b) >= 0.01)
+    return Attribution(terms, r2, float(np.abs(residual).max()), len(y), tuple(groups))

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
 
-from .attribution import explain
+from .attribution import explain, feature_row, fit
 from .dashboard import audit_dashboard
 from .schema import Kind, Phase, Semantics
 from .store import Run, load_run
@@ -81,6 +82,7 @@ class Finding:
     message: str
     counts: dict[str, int] = field(default_factory=dict)
     evidence: tuple[Evidence, ...] = ()
+    attribution: str | None = None  # least-squares composition over the affected episodes
 
     def __str__(self) -> str:
         return f"{self.phase} {self.kind} {self.key}: {self.verdict.value} — {self.message}"
@@ -98,6 +100,7 @@ class Finding:
             "message": self.message,
             "counts": dict(self.counts),
             "evidence": [e.to_dict() for e in self.evidence],
+            "attribution": self.attribution,
         }
 
 
@@ -265,6 +268,7 @@ def compare(run: Run | str, *, atol: float = 1e-6, rtol: float = 1e-5, max_evide
         own = _own_agents(r.kind, r.agent_id, r.module_id, mapping[key])
         owns.append(own)
         truths.append(float(sum(counted[(r.runner_id, r.episode_id, a)] for a in own)))
+    table["own"] = [tuple(sorted(o)) for o in owns]
     table["truth"] = truths
     table["reported"] = table["value"].astype(float)
     table["difference"] = table["reported"] - table["truth"]
@@ -289,7 +293,15 @@ def compare(run: Run | str, *, atol: float = 1e-6, rtol: float = 1e-5, max_evide
     table.loc[table["kind"] == Kind.EPISODE.value, "key"] = "return"
 
     for (phase, kind, key), rows in table.groupby(["phase", "kind", "key"], sort=False):
-        findings.append(_finding(phase, kind, key, rows, max_evidence))
+        finding = _finding(phase, kind, key, rows, max_evidence)
+        bad = rows[rows["verdict"] != Verdict.CLEAN.value]
+        if len(bad):
+            model = fit(
+                bad["reported"].to_numpy(),
+                [feature_row(features[(r.runner_id, r.episode_id)], set(r.own)) for r in bad.itertuples(index=False)],
+            )
+            finding = replace(finding, attribution=model.formula(f"reported({kind} {key})"))
+        findings.append(finding)
 
     for (phase, kind), rows in orphans.groupby(["phase", "kind"], dropna=False):
         findings.append(_unverified(str(phase), kind, "*", rows["episode_id"].nunique(), f"{rows['episode_id'].nunique()} reported episodes have no raw rewards (the tap never saw them), e.g. {rows['episode_id'].iloc[0]}"))
@@ -327,6 +339,9 @@ def _finding(phase: str, kind: str, key: str, rows: pd.DataFrame, max_evidence: 
             f"(mean truth {truth:.6g}, reported {reported:.6g}); "
             f"{multi}/{len(bad)} wrong values come from multi-chunk episodes, {clean_multi} multi-chunk values are right"
         )
+        patterns = bad["explanation"].map(lambda t: re.sub(r"\s*\([^)]*\)", "", t.split(";")[0]))
+        common, n_common = patterns.value_counts().index[0], int(patterns.value_counts().iloc[0])
+        message += f"; in {n_common}/{len(bad)} wrong values: {common}"
         top = bad.reindex(bad["difference"].abs().sort_values(ascending=False).index).head(max_evidence)
         evidence = tuple(
             Evidence(

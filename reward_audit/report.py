@@ -47,6 +47,8 @@ def render_text(audit: Audit, *, verbose: bool = False, fail_on: Iterable[Verdic
         lines.append("")
     for f in notable:
         lines.append(f"{f.verdict.value:<10} {f.phase} {f.kind} {f.key}: {f.message}")
+        if verbose and f.attribution:
+            lines.append(f"           attribution: {f.attribution}")
         if verbose:
             for e in f.evidence:
                 who = f" agent {e.agent_id}," if e.agent_id else ""

@@ -1,0 +1,73 @@
+"""attribution: per-episode explanations and the least-squares fit across episodes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from reward_audit.attribution import explain, feature_row, fit
+
+
+def feats(**agents):
+    return pd.DataFrame({a: {"earlier": e, "final": f} for a, (e, f) in agents.items()}).T
+
+
+def test_explain_leak_drop_mismatch():
+    f = feats(a=(16.0, 14.0), b=(160.0, 140.0))
+    assert explain(160.0, f, {"a"}, 1e-9)[0] == "LEAK"
+    verdict, text = explain(-14.0, f, {"a"}, 1e-9)
+    assert verdict == "DROP" and "agent a's final-chunk rewards (14)" in text
+    assert explain(0.5, f, {"a"}, 1e-9)[0] == "MISMATCH"
+
+
+def test_explain_reports_ambiguity():
+    # a's earlier and final chunks are both 10: a missing 10 could be either.
+    f = feats(a=(10.0, 10.0), b=(3.0, 5.0))
+    verdict, text = explain(-10.0, f, {"a"}, 1e-9)
+    assert verdict == "DROP"
+    assert "equally explained by 1 other combination" in text
+
+
+def simulate(pattern, n=40, seed=0):
+    """Episodes with random per-chunk rewards for agents a (own) and b (other)."""
+    rng = np.random.default_rng(seed)
+    rows, reported = [], []
+    for _ in range(n):
+        ae, af, be, bf = rng.uniform(1, 100, 4)
+        rows.append(feature_row(feats(a=(ae, af), b=(be, bf)), {"a"}))
+        reported.append(pattern(ae, af, be, bf))
+    return np.array(reported), rows
+
+
+def test_fit_rederives_the_2_12_leak():
+    reported, rows = simulate(lambda ae, af, be, bf: ae + af + be)  # + other's earlier chunks
+    model = fit(reported, rows)
+    coef = dict(model.terms)
+    assert coef["agent a earlier chunks (own)"] == pytest.approx(1.0)
+    assert coef["agent a final chunks (own)"] == pytest.approx(1.0)
+    assert coef["agent b earlier chunks (other)"] == pytest.approx(1.0)
+    assert "agent b final chunks (other)" not in coef
+    assert model.r2 == pytest.approx(1.0) and not model.unseparable
+    assert "1.00 × agent b earlier chunks (other)" in model.formula()
+
+
+def test_fit_rederives_the_2_53_drop():
+    rows, reported = [], []
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        v = rng.uniform(1, 100, 6)
+        rows.append(feature_row(feats(a=(v[0], v[1]), b=(v[2], v[3]), c=(v[4], v[5])), {"a", "b", "c"}))
+        reported.append(v[0] + v[2] + v[4] + v[5])  # only c's final chunk survives
+    coef = dict(fit(np.array(reported), rows).terms)
+    assert "agent a final chunks (own)" not in coef and "agent b final chunks (own)" not in coef
+    assert coef["agent c final chunks (own)"] == pytest.approx(1.0)
+
+
+def test_fit_says_when_collinear_agents_cannot_be_separated():
+    # Constant rewards: agent b always earns 10x agent a, so a and b are indistinguishable.
+    rows = [feature_row(feats(a=(k, 30 - k), b=(10 * k, 10 * (30 - k))), {"a"}) for k in (16.0, 14.0, 12.0)]
+    reported = np.array([30 + 10 * 16, 30 + 10 * 14, 30 + 10 * 12])
+    model = fit(reported, rows)
+    assert model.unseparable
+    assert "cannot separate" in model.formula()
