@@ -86,6 +86,30 @@ def compare_cmd(path: str, as_json: bool, verbose: bool, fail_on: frozenset[Verd
     sys.exit(_audit_and_print(path, as_json, verbose, fail_on, atol, rtol))
 
 
+@main.command("report")
+@click.argument("path")
+@click.option("-o", "--output", "output", default=None, help="File to write (default: report.html / report.md in the current folder).")
+@click.option("--format", "fmt", type=click.Choice(["html", "md"]), default="html", show_default=True, help="Self-contained HTML with plots, or Markdown for an issue tracker.")
+@click.option("--atol", type=float, default=1e-6, show_default=True, help="Absolute tolerance per episode value.")
+@click.option("--rtol", type=float, default=1e-5, show_default=True, help="Relative tolerance per episode value.")
+@_one_line_errors
+def report_cmd(path: str, output: str | None, fmt: str, atol: float, rtol: float) -> None:
+    """Write a report: verdicts, attribution, example episodes, and per module the
+    dashboard value vs. the truth over iterations (plots)."""
+    from .report import render_html, render_markdown
+
+    audits = [compare(run, atol=atol, rtol=rtol) for run in load_runs(path)]
+    render = render_html if fmt == "html" else render_markdown
+    text = "\n".join(render(a) for a in audits)  # several trials: one section (HTML: page) each
+    output = output or f"report.{fmt}"
+    try:
+        with open(output, "w") as f:
+            f.write(text)
+    except OSError as e:
+        raise RewardAuditError(f"{output}: cannot write the report ({e.strerror}); pass a writable path with `-o`") from e
+    click.echo(f"wrote {output} ({len(audits)} run{'s' if len(audits) > 1 else ''}, {sum(len(a.failures()) for a in audits)} failing findings)")
+
+
 @main.command("demo")
 @click.option("--iterations", default=4, show_default=True, help="PPO training iterations.")
 @click.option("--out", "out", default=None, help="Where to record (default: a new temporary folder).")

@@ -80,3 +80,141 @@ def render_json(audits: list[Audit], *, fail_on: Iterable[Verdict] | None = None
         for f in d["findings"]:
             out.append({"run": d["run"], "name": d["name"], "ray_version": d["ray_version"], "api_stack": d["api_stack"], **f})
     return json.dumps(out, indent=2, allow_nan=False)
+
+
+# --------------------------------------------------------------------------- documents
+
+_MEANING = {
+    "mean_of_episode_sums": "mean, over the episodes in RLlib's window, of a per-episode sum (for a module: over all its agents in that episode)",
+    "mean_of_agent_episodes": "mean over (agent, episode) entries: a policy shared by k agents shows the per-agent mean, not the per-episode sum",
+    "min_of_episode_sums": "minimum over the window's episodes",
+    "max_of_episode_sums": "maximum over the window's episodes",
+}
+_WINDOWS = {
+    "per_call_window": "each env runner keeps the last ceil(S / num_env_runners) episodes per key; every get_metrics() call reduces and clears them; "
+    "an iteration shows the mean of the per-(runner, call) means — no smoothing across iterations",
+    "driver_history": "the driver keeps the episode history; an iteration covers the last max(S, new episodes) episodes; "
+    "evaluation covers only that evaluation's episodes",
+}
+
+
+def meaning_lines(audit: Audit) -> list[str]:
+    """What each reported number means for this run's Ray version and API stack (from the
+    adapter's declarations recorded in the manifest)."""
+    m = audit.manifest
+    S = m.get("metrics_num_episodes_for_smoothing")
+    lines = [
+        f"Ray {m.get('ray_version')} ({m.get('api_stack')} API stack), captured by adapter `{m.get('adapter')}`.",
+        "Per-episode values: the sum over the whole episode of the rewards RLlib counts for the agent "
+        "(`agent`, `policy` rows) or for every agent mapped to the module in that episode (`module`); "
+        "rewards paid before or with an agent's first observation are never counted (EXCLUDED).",
+    ]
+    model = m.get("smoothing_model")
+    if model in _WINDOWS:
+        lines.append(f"Which episodes one iteration's value covers (S = {S}): {_WINDOWS[model]}.")
+    for pattern, semantics in sorted((m.get("iteration_semantics") or {}).items()):
+        lines.append(f"`{pattern}…`: {_MEANING.get(semantics, semantics)}.")
+    return lines
+
+
+def _plots(audit: Audit) -> list[tuple[str, str]]:
+    """(title, base64 PNG) per dashboard series of a module / policy / agent mean."""
+    import base64
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = []
+    for d in audit.dashboard:
+        if d.kind == "episode" or "mean" not in d.path:
+            continue
+        t = d.table
+        fig, ax = plt.subplots(figsize=(6, 2.6), dpi=90)
+        ax.plot(t["iteration"], t["displayed"], "o-", color="tab:red", label="shown by RLlib")
+        ax.plot(t["iteration"], t["expected"], "s--", color="tab:green", label="truth (same window)")
+        ax.fill_between(t["iteration"], t["low"], t["high"], color="tab:green", alpha=0.12, label="truth range this iteration")
+        ax.set_xlabel("training iteration")
+        ax.set_ylabel("return")
+        ax.set_title(f"{d.phase}: {d.path}", fontsize=9)
+        ax.legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        plt.close(fig)
+        out.append((f"{d.phase} {d.path}", base64.b64encode(buf.getvalue()).decode()))
+    return out
+
+
+def render_markdown(audit: Audit) -> str:
+    lines = [f"## reward_audit: {audit.name}", "", _header(audit).lstrip("= "), ""]
+    lines += ["| phase | kind | key | episodes | truth | reported | diff | verdict |", "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    for f in audit.findings:
+        lines.append(f"| {f.phase} | {f.kind} | `{f.key}` | {f.episodes} | {_num(f.truth)} | {_num(f.reported)} | {_num(f.difference)} | **{f.verdict.value}** |")
+    notable = [f for f in audit.findings if f.verdict != Verdict.CLEAN]
+    if notable:
+        lines += ["", "### Findings", ""]
+        for f in notable:
+            lines.append(f"- **{f.verdict.value}** {f.phase} {f.kind} `{f.key}`: {f.message}")
+            if f.attribution:
+                lines.append(f"  - attribution: {f.attribution}")
+            for e in f.evidence[:3]:
+                lines.append(f"  - episode `{e.episode_id}` ({e.chunks} chunks): truth {e.truth:.6g}, reported {e.reported:.6g} — {e.explanation}")
+    off = [d for d in audit.dashboard if d.wrong_iterations or d.unreconstructable]
+    lines += ["", "### Dashboards", ""]
+    lines += [f"- {d.summary()}" for d in off] or [f"- all {len(audit.dashboard)} recorded series match the truth"]
+    lines += ["", "### What the numbers mean", ""] + [f"- {x}" for x in meaning_lines(audit)]
+    return "\n".join(lines) + "\n"
+
+
+def render_html(audit: Audit) -> str:
+    """One self-contained HTML page (plots inlined as PNG; no network needed)."""
+    import html
+
+    def esc(x: object) -> str:
+        return html.escape(str(x))
+
+    color = {"CLEAN": "#1b7f3b", "LEAK": "#b00020", "DROP": "#b00020", "MISMATCH": "#b00020"}
+    rows = "".join(
+        f"<tr><td>{esc(f.phase)}</td><td>{esc(f.kind)}</td><td><code>{esc(f.key)}</code></td><td class=n>{f.episodes}</td>"
+        f"<td class=n>{_num(f.truth)}</td><td class=n>{_num(f.reported)}</td><td class=n>{_num(f.difference)}</td>"
+        f"<td style='color:{color.get(f.verdict.value, '#8a6d00')};font-weight:bold'>{f.verdict.value}</td></tr>"
+        for f in audit.findings
+    )
+    findings = ""
+    for f in (f for f in audit.findings if f.verdict != Verdict.CLEAN):
+        ev = "".join(
+            f"<tr><td><code>{esc(e.episode_id)}</code></td><td>{esc(e.runner_id)}</td><td class=n>{e.chunks}</td><td class=n>{e.truth:.6g}</td>"
+            f"<td class=n>{e.reported:.6g}</td><td class=n>{e.difference:+.6g}</td><td>{esc(e.explanation)}</td></tr>"
+            for e in f.evidence
+        )
+        findings += f"<h3>{f.verdict.value} — {esc(f.phase)} {esc(f.kind)} <code>{esc(f.key)}</code></h3><p>{esc(f.message)}</p>"
+        if f.attribution:
+            findings += f"<p><b>Attribution:</b> {esc(f.attribution)}</p>"
+        if ev:
+            findings += "<table><tr><th>episode</th><th>runner</th><th>chunks</th><th>truth</th><th>reported</th><th>diff</th><th>explanation</th></tr>" + ev + "</table>"
+    plots = "".join(f"<figure><img alt='{esc(t)}' src='data:image/png;base64,{b}'><figcaption>{esc(t)}</figcaption></figure>" for t, b in _plots(audit))
+    dash = "".join(f"<li>{esc(d.summary())}</li>" for d in audit.dashboard)
+    meaning = "".join(f"<li>{esc(x)}</li>" for x in meaning_lines(audit))
+    summary = ", ".join(f"{n} {v}" for v, n in sorted(audit.counts().items()))
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>reward_audit: {esc(audit.name)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 1100px; color: #222; }}
+table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }}
+td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: left; }}
+td.n {{ text-align: right; font-variant-numeric: tabular-nums; }}
+figure {{ display: inline-block; margin: 0.5em; }} figcaption {{ font-size: 0.8em; color: #555; }}
+</style></head><body>
+<h1>reward_audit: {esc(audit.name)}</h1>
+<p>{esc(_header(audit).lstrip("= "))}</p>
+<p><b>{esc(summary)}</b> — {"no failures" if audit.ok else f"{len(audit.failures())} failing"}</p>
+<h2>Verdicts</h2>
+<table><tr><th>phase</th><th>kind</th><th>key</th><th>episodes</th><th>truth</th><th>reported</th><th>diff</th><th>verdict</th></tr>{rows}</table>
+<h2>Findings and example episodes</h2>{findings or "<p>None.</p>"}
+<h2>Dashboards: shown vs. truth per iteration</h2><ul>{dash}</ul>{plots}
+<h2>What the numbers mean</h2><ul>{meaning}</ul>
+</body></html>
+"""

@@ -62,6 +62,11 @@ def test_injected_leak_is_leak_from_the_other_agents_earlier_chunks(tmp_path):
     [series] = [d for d in audit.dashboard if d.path == "env_runners/module_episode_returns_mean/p0"]
     assert series.first_wrong == 1 and not series.unreconstructable
     assert (series.table["displayed"] > series.table["expected"] + 100).all()
+    # The HTML report plots shown vs. truth per iteration for each module / agent series.
+    from reward_audit.report import render_html
+
+    page = render_html(audit)
+    assert page.count("data:image/png;base64,") >= 4
 
 
 def test_injected_drop_names_the_missing_agents(tmp_path):
