@@ -58,6 +58,7 @@ def explain(difference: float, features: pd.DataFrame, own: set[str], tol: float
         return "MISMATCH", f"difference {difference:+.6g} is not a sum of any agents' earlier/final-chunk rewards"
 
     def describe(combo: tuple[int, ...]) -> tuple[str, str]:
+        combo = tuple(sorted(combo, key=lambda i: (terms[i][0], terms[i][1])))
         leak = [terms[i] for i in combo if (terms[i][0] not in own and terms[i][0] != "own agents")]
         drop = [terms[i] for i in combo if terms[i] not in leak]
         parts = []

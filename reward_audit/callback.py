@@ -148,6 +148,8 @@ class RewardAuditCallback(DefaultCallbacks):
         adapter = self._adapter_for(kwargs["worker"].config)
         if adapter is not None:
             adapter.on_env(kwargs)
+            if self.INJECT_FAULT:  # not supported on the old stack: raises, and the guard logs it
+                adapter.install_fault(kwargs["worker"], self.INJECT_FAULT)
 
     def _episode_hook(self, kwargs: dict, action: str) -> None:
         adapter, recorder = self._runner_recorder(kwargs)
@@ -185,4 +187,4 @@ class RewardAuditCallback(DefaultCallbacks):
     def on_sample_end(self, **kwargs: Any) -> None:
         adapter, recorder = self._runner_recorder(kwargs)
         if recorder is not None:
-            recorder.sample_ends()
+            adapter.sample_ends(recorder)

@@ -176,7 +176,7 @@ def _episode_truth(raw: pd.DataFrame) -> pd.DataFrame:
     raw = raw.assign(counted=raw["reward"] - raw["pre_obs_reward"])
     last_chunk = raw.groupby(["runner_id", "episode_id"])["chunk_seq"].transform("max")
     raw = raw.assign(final=np.where(raw["chunk_seq"] == last_chunk, raw["counted"], 0.0))
-    raw = raw.sort_values("chunk_seq")
+    raw = raw.sort_values(["chunk_seq", "agent_id"], kind="stable")
     keys = ["phase", "runner_id", "episode_id", "agent_id"]
     per_agent = raw.groupby(keys, sort=False).agg(
         counted=("counted", "sum"),

@@ -31,6 +31,8 @@ from .schema import IterationSemantics, Kind
 _REDUCERS = {
     IterationSemantics.MEAN_OF_EPISODE_SUMS.value: np.mean,
     IterationSemantics.MEAN_OF_AGENT_EPISODES.value: np.mean,
+    IterationSemantics.MIN_OF_AGENT_EPISODES.value: np.min,
+    IterationSemantics.MAX_OF_AGENT_EPISODES.value: np.max,
     IterationSemantics.MIN_OF_EPISODE_SUMS.value: np.min,
     IterationSemantics.MAX_OF_EPISODE_SUMS.value: np.max,
 }
@@ -77,9 +79,14 @@ class DashboardSeries:
         return text.replace(f"{self.path}{key}", self.path)
 
 
-def _window_values(rows: pd.DataFrame, model: str, iteration: int, window: int, evaluation: bool, column: str) -> np.ndarray | list[np.ndarray]:
+def _window_values(rows: pd.DataFrame, model: str, iteration: int, window: int, evaluation: bool, column: str, discard_last_call: bool = False) -> np.ndarray | list[np.ndarray]:
     if model == "per_call_window":
         now = rows[rows["iteration"] == iteration]
+        if discard_last_call:
+            # The driver never reads each remote runner's last sample()+get_metrics() of an
+            # evaluation round (manifest `evaluation_discards_last_call`, see capture/newstack.py).
+            last = now.groupby("runner_id")["metrics_call"].transform("max")
+            now = now[now["metrics_call"] != last]
         return [g[column].to_numpy()[-window:] for _, g in now.groupby(["runner_id", "metrics_call"], sort=False)]
     if evaluation:
         return rows.loc[rows["iteration"] == iteration, column].to_numpy()
@@ -138,8 +145,9 @@ def audit_dashboard(run, episodes: pd.DataFrame, *, atol: float = 1e-6, rtol: fl
                 # No evaluation in this iteration: RLlib keeps showing the last evaluation's values.
                 rebuilt, expected, low, high = out[-1]["rebuilt"], out[-1]["expected"], out[-1]["low"], out[-1]["high"]
             else:
-                rebuilt = _reduce(_window_values(selected, model, it, window, evaluation, "reported"), model, reducer)
-                expected = _reduce(_window_values(selected, model, it, window, evaluation, "truth"), model, reducer)
+                discard = evaluation and bool(manifest.get("evaluation_discards_last_call"))
+                rebuilt = _reduce(_window_values(selected, model, it, window, evaluation, "reported", discard), model, reducer)
+                expected = _reduce(_window_values(selected, model, it, window, evaluation, "truth", discard), model, reducer)
                 low, high = (float(now.min()), float(now.max())) if len(now) else (math.nan, math.nan)
             displayed = float(r.value)
             both_nan = math.isnan(displayed) and math.isnan(rebuilt)

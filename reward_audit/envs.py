@@ -176,3 +176,26 @@ def map_seats_by_episode(agent_id: Any, episode: Any = None, **kwargs: Any) -> s
     episode_id = getattr(episode, "id_", None) or getattr(episode, "episode_id", 0)
     flip = zlib.crc32(str(episode_id).encode()) % 2
     return "main" if (int(agent_id) + flip) % 2 == 0 else "snapshot"
+
+
+def map_four_policies_by_episode(agent_id: Any, episode: Any = None, **kwargs: Any) -> str:
+    """Four policies, two seats, per episode: agent 0 plays ``p1`` and agent 1 plays ``p2``,
+    except that the frozen ``p3`` takes agent 0's seat when ``crc32(episode id) % 10`` is
+    0, 1 or 2, and the frozen ``p4`` takes agent 1's seat when it is 3, 4 or 5.
+
+    The two frozen policies never sit together, so every episode feeds a trainable policy
+    (Ray 2.12's new stack crashes on a train batch with no data for any trainable module).
+    ``zlib.crc32`` rather than ``hash()``: ``hash`` of a string is salted per process, this
+    is the same everywhere, so a seat can be re-derived by hand from a recorded episode id.
+    Without an episode (RLlib probing spaces) the default seats are returned.
+    """
+    import zlib
+
+    seat = 0 if str(agent_id) == "0" else 1
+    episode_id = getattr(episode, "id_", None) if episode is not None else None
+    if episode_id is None:
+        return ("p1", "p2")[seat]
+    bucket = zlib.crc32(str(episode_id).encode()) % 10
+    if seat == 0:
+        return "p3" if bucket in (0, 1, 2) else "p1"
+    return "p4" if bucket in (3, 4, 5) else "p2"

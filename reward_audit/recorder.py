@@ -150,10 +150,16 @@ class RunnerRecorder:
             logger.exception("reward_audit: could not read the agent->module mapping of episode %s", state.episode_id)
             return {}
 
-    def sample_ends(self) -> None:
-        """``on_sample_end``: cut every touched episode into one chunk row per agent."""
-        for env_index in list(self._pending):
-            self._flush_pending(env_index, self._current.get(env_index))
+    def sample_ends(self, hold_pending: bool = False) -> None:
+        """``on_sample_end``: cut every touched episode into one chunk row per agent.
+
+        ``hold_pending``: rewards tapped after the last episode hook belong to the *next*
+        ``sample()`` call (the old stack steps the env after that step's hooks), so keep them
+        pending instead of filing them in this chunk.
+        """
+        if not hold_pending:
+            for env_index in list(self._pending):
+                self._flush_pending(env_index, self._current.get(env_index))
         for state in self._touched.values():
             if not state.done:
                 state.mapping.update(self._read_mapping(state))

@@ -30,6 +30,11 @@ def _header(audit: Audit) -> str:
     return f"== {audit.name} (Ray {m.get('ray_version', '?')}, {m.get('api_stack', '?')} API stack, adapter {m.get('adapter', '?')}){fault} — {audit.path}"
 
 
+def _primary(series: Iterable) -> list:
+    """Dashboard series without RLlib's duplicate copies (Ray 2.12's ``sampler_results/``)."""
+    return [d for d in series if "sampler_results/" not in d.path]
+
+
 def render_table(findings: Iterable[Finding]) -> list[str]:
     rows = [("phase", "kind", "key", "episodes", "truth", "reported", "diff", "verdict")]
     for f in findings:
@@ -60,7 +65,10 @@ def render_text(audit: Audit, *, verbose: bool = False, fail_on: Iterable[Verdic
     if off:
         lines.append("")
         lines.append("dashboards (the train() result / Tune / TensorBoard, rebuilt from the truth):")
-        lines += [f"  {d.summary()}" for d in off]
+        shown = off if verbose else [d for d in _primary(off) if "_mean" in d.path]
+        lines += [f"  {d.summary()}" for d in shown]
+        if len(shown) < len(off):
+            lines.append(f"  (+{len(off) - len(shown)} more series off: min/max and duplicate copies; `--verbose` lists them)")
     elif audit.dashboard:
         lines.append(f"dashboards: all {len(audit.dashboard)} recorded series match the truth")
     if notable and not verbose and any(f.evidence for f in notable):
@@ -127,16 +135,19 @@ def _plots(audit: Audit) -> list[tuple[str, str]]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     out = []
-    for d in audit.dashboard:
+    for d in sorted(_primary(audit.dashboard), key=lambda d: (d.phase != "train", d.path)):
         if d.kind == "episode" or "mean" not in d.path:
             continue
         t = d.table
-        fig, ax = plt.subplots(figsize=(6, 2.6), dpi=90)
+        fig, ax = plt.subplots(figsize=(5.6, 2.6), dpi=90)
         ax.plot(t["iteration"], t["displayed"], "o-", color="tab:red", label="shown by RLlib")
         ax.plot(t["iteration"], t["expected"], "s--", color="tab:green", label="truth (same window)")
         ax.fill_between(t["iteration"], t["low"], t["high"], color="tab:green", alpha=0.12, label="truth range this iteration")
         ax.set_xlabel("training iteration")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("return")
         ax.set_title(f"{d.phase}: {d.path}", fontsize=9)
         ax.legend(fontsize=7, loc="best")
@@ -213,8 +224,8 @@ figure {{ display: inline-block; margin: 0.5em; }} figcaption {{ font-size: 0.8e
 <p><b>{esc(summary)}</b> — {"no failures" if audit.ok else f"{len(audit.failures())} failing"}</p>
 <h2>Verdicts</h2>
 <table><tr><th>phase</th><th>kind</th><th>key</th><th>episodes</th><th>truth</th><th>reported</th><th>diff</th><th>verdict</th></tr>{rows}</table>
+<h2>Dashboards: shown vs. truth per iteration</h2>{plots or "<p>No dashboard series were recorded.</p>"}<ul>{dash}</ul>
 <h2>Findings and example episodes</h2>{findings or "<p>None.</p>"}
-<h2>Dashboards: shown vs. truth per iteration</h2><ul>{dash}</ul>{plots}
 <h2>What the numbers mean</h2><ul>{meaning}</ul>
 </body></html>
 """

@@ -145,3 +145,76 @@ def test_retap_updates_target_instead_of_double_counting():
     env.step({0: 1})
     assert first._pending == {}
     assert second._pending == {3: {0: [1.0, 1, 0.0, 0]}}
+
+
+class ScriptedEnv:
+    """Turn-based: reset observes only ``w``; each step pays both and observes the other."""
+
+    def __init__(self):
+        self.t = 0
+
+    def reset(self, **kwargs):
+        self.t = 0
+        return {"w": 0}, {}
+
+    def step(self, actions):
+        self.t += 1
+        obs = {"b": self.t} if self.t % 2 else {"w": self.t}
+        return obs, {"w": 1.0 * self.t, "b": 10.0 * self.t}, {"__all__": False}, {"__all__": False}, {}
+
+
+def replay(events):
+    """Drive a tapped env and the recorder in the order RLlib calls them."""
+    env, rec = ScriptedEnv(), recorder()
+    install_tap(env, rec, 0)
+    episodes = {}
+    for event, *arg in events:
+        if event in ("created", "start", "step_hook", "end"):
+            ep = episodes.setdefault(arg[0], FakeEpisode(arg[0], {"w": "pw", "b": "pb"}))
+            {"created": rec.episode_begins, "start": rec.episode_begins, "step_hook": rec.episode_step, "end": rec.episode_ends}[event](arg[0], 0, ep)
+        elif event == "reset":
+            env.reset()
+        elif event == "step":
+            env.step({})
+        else:
+            rec.sample_ends()
+    return rows(rec).set_index(["episode_id", "agent_id"]).sort_index()
+
+
+# Ray 2.12 experimental new stack (multi_agent_env_runner.py). Training, _sample_timesteps:
+# created, reset, start; on_episode_step also on the final step, then end, then created,
+# reset, start of the next (:336-356). Evaluation, _sample_episodes: reset BEFORE created
+# (:417-433), and the loop breaks after the last episode's end (:550).
+RAY212_TRAIN = [
+    ("created", "e1"), ("reset",), ("start", "e1"),
+    ("step",), ("step_hook", "e1"), ("step",), ("step_hook", "e1"), ("sample_end",),
+    ("step",), ("step_hook", "e1"), ("end", "e1"), ("created", "e2"), ("reset",), ("start", "e2"),
+    ("step",), ("step_hook", "e2"), ("sample_end",),
+]
+RAY212_EVAL = [
+    ("reset",), ("created", "e1"), ("start", "e1"),
+    ("step",), ("step_hook", "e1"), ("step",), ("step_hook", "e1"), ("step",), ("step_hook", "e1"), ("end", "e1"),
+    ("created", "e2"), ("reset",), ("start", "e2"),
+    ("step",), ("step_hook", "e2"), ("end", "e2"), ("sample_end",),
+]
+
+
+def test_ray212_training_hook_order():
+    df = replay(RAY212_TRAIN)
+    sums = df.groupby(level=[0, 1])[["reward", "pre_obs_reward"]].sum()
+    # e1: steps 1, 2 in chunk 0; step 3 in chunk 1. b is first observed with step 1's obs,
+    # so its step-1 reward is pre-observation; the reset of e2 starts a fresh observed set.
+    assert sums.loc[("e1", "w")].tolist() == [6.0, 0.0] and sums.loc[("e1", "b")].tolist() == [60.0, 10.0]
+    assert sums.loc[("e2", "b")].tolist() == [10.0, 10.0] and sums.loc[("e2", "w")].tolist() == [1.0, 0.0]
+    e1w = df.loc[df.index == ("e1", "w")]
+    assert e1w["chunk_seq"].tolist() == [0, 1] and e1w["episode_done"].tolist() == [False, True]
+
+
+def test_ray212_evaluation_hook_order_reset_before_created():
+    df = replay(RAY212_EVAL)
+    sums = df.groupby(level=[0, 1])[["reward", "pre_obs_reward"]].sum()
+    assert sums.loc[("e1", "w")].tolist() == [6.0, 0.0] and sums.loc[("e1", "b")].tolist() == [60.0, 10.0]
+    # The reset ran before e2 existed: its observed set is still e2's own (only w), so b's
+    # first reward in e2 is pre-observation, and nothing of e1 leaked into e2.
+    assert sums.loc[("e2", "w")].tolist() == [1.0, 0.0] and sums.loc[("e2", "b")].tolist() == [10.0, 10.0]
+    assert df["episode_done"].all() and len(df) == 4  # one chunk per (episode, agent)

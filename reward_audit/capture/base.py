@@ -132,6 +132,10 @@ class Adapter:
     def reported_at_episode_end(self, recorder: RunnerRecorder, episode: Any) -> None:
         """Old stack only: RLlib's per-episode values are read in ``on_episode_end``."""
 
+    def sample_ends(self, recorder: RunnerRecorder) -> None:
+        """``on_sample_end``: cut the episodes touched in this ``sample()`` call into chunk rows."""
+        recorder.sample_ends()
+
     def install_fault(self, runner: Any, fault: str) -> None:
         """Self-test: corrupt RLlib's per-episode metrics on ``runner`` (``capture/inject.py``)."""
         raise NotImplementedError(f"fault injection is not available for the {self.name} adapter")

@@ -1,8 +1,8 @@
-"""Capture adapter: RLlib's *experimental* new API stack, Ray 2.10 – 2.2x.
+"""Capture adapter: RLlib's *experimental* new API stack, Ray 2.10 – 2.3x (``detect()``: < 2.40).
 
 Selected with ``config.experimental(_enable_new_api_stack=True)`` plus
 ``config.rollouts(env_runner_cls=MultiAgentEnvRunner)``. Only Ray 2.12.0 was verified
-(installed source and real runs); the other 2.1x/2.2x releases are routed here by
+(installed source and real runs); the other 2.1x – 2.3x releases are routed here by
 ``detect()`` on the assumption that they share 2.12's ``MultiAgentEnvRunner`` — a release
 that does not will show up as capture failures (``UNVERIFIED``), never as a crash.
 
@@ -36,12 +36,18 @@ Change log — what the numbers mean (line numbers: Ray 2.12.0,
   ``evaluation_parallel_to_training=True`` samples *timesteps* on remote evaluation runners
   (``Algorithm._evaluate_with_auto_duration``, ``algorithms/algorithm.py:1129-1138``): episodes
   are cut into chunks there too and evaluation leaks the same way.
+  There the driver counts only the rounds it fetches inside that ``evaluate()`` loop; a
+  round fetched later is dropped as stale (``if iter != self.iteration: continue``,
+  ``algorithm.py:1187``). Its episodes were reported by ``get_metrics()`` on the runner
+  (we record and audit them) but never reach ``evaluation/policy_reward_mean`` (one
+  3-iteration run: 66 evaluation episodes recorded, 17 counted by the dashboard).
 * dashboards: ``policy_reward_mean/<pid>`` (+ ``_min``/``_max``) and
   ``episode_reward_mean/min/max``, at the top level and again under ``sampler_results/``;
   evaluation under ``evaluation/``. Training values are smoothed on the driver over the last
   ``max(S, n_new)`` episodes (``Algorithm._episode_history``); evaluation summarizes only
   that ``evaluate()`` call's episodes.
-* raw rewards: one env per runner, no vectorization (``num_envs_per_worker > 1`` is refused),
+* raw rewards: one env per runner, no vectorization (``num_envs_per_worker > 1`` is refused,
+  ``algorithms/algorithm_config.py:3871-3880``),
   ``env_index`` is always 0 (:776-784). ``on_environment_created`` receives ``env=self.env``,
   the ``gym.make`` result (an ``OrderEnforcing`` wrapper) whose ``step`` the runner calls
   (:282, :493); we tap that object. Local runners (train and evaluation) always build an env,
@@ -178,5 +184,7 @@ class ExperimentalNewStackAdapter(Adapter):
             "evaluation_duration_unit": getattr(config, "evaluation_duration_unit", None),
             "evaluation_parallel_to_training": getattr(config, "evaluation_parallel_to_training", None),
             "evaluation_force_reset_envs_before_iteration": getattr(config, "evaluation_force_reset_envs_before_iteration", None),
-            "smoothing_model": "train: driver history, the last max(S, new episodes) episodes; evaluation: that evaluate() call's episodes",
+            # Train: the driver's episode history, last max(S, new episodes); evaluation: that
+            # evaluate() call's episodes (reward_audit/dashboard.py rebuilds it).
+            "smoothing_model": "driver_history",
         }

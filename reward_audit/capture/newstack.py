@@ -10,7 +10,12 @@ Change log — what the numbers meant, per Ray version:
   rewards RLlib counts (pre-observation rewards excluded by design, RLLIB_NOTES §3).
 * Ray 2.53: ``modules`` was built with a dict comprehension over ``agent_episodes``, so
   agents sharing a module overwrote each other instead of summing (final chunk of only the
-  last agent + earlier chunks of all). Fixed by 2.60 (``module_episode_returns[m] += ...``).
+  last agent + earlier chunks of all); ``rllib/env/multi_agent_env_runner.py:640-646`` of
+  2.53.0. Reported as ray-project/ray#59860, fixed by #60234 (2.60:
+  ``module_episode_returns[m] += ...``). This adapter records 2.53 unchanged: the same
+  ``get_metrics()`` / ``_log_episode_metrics(self, length, ret, sec, agents=None,
+  modules=None, agent_steps=None)`` signatures (2.53.0 ``:621``, ``:1005``), verified by
+  ``tests/versions/test_ray253.py``, which sees the bug as DROP.
 * dashboards: ``env_runners/module_episode_returns_mean/<m>``, ``agent_episode_returns_mean/<a>``,
   ``episode_return_mean/min/max``; each runner logs with
   ``window = ceil(S / max(num_env_runners, 1))`` and every ``get_metrics()`` reduces and
@@ -101,6 +106,20 @@ class NewStackAdapter(Adapter):
 
         install_fault(runner, fault)
 
+    @staticmethod
+    def _evaluation_discards_last_call(config: Any) -> bool:
+        """Ray 2.53 ``Algorithm._evaluate_with_fixed_duration`` (algorithm.py:2007-2028) samples
+        remote evaluation runners with ``foreach_env_runner_async_fetch_ready``, which fetches
+        ready results and then sends a new request; the request sent with the last fetch runs
+        but its result is dropped in the next evaluation (``iter != self.iteration``). 2.60
+        calls ``foreach_env_runner(timeout_seconds=...)`` instead (no extra request)."""
+        import ray
+
+        from . import _version_tuple
+
+        fixed = getattr(config, "evaluation_duration", None) != "auto"  # "auto" (algorithm.py:1774-1801) not verified
+        return _version_tuple(ray.__version__) < (2, 60) and fixed and bool(getattr(config, "evaluation_num_env_runners", 0))
+
     def config_summary(self, config: Any) -> dict[str, Any]:
         return {
             "rollout_fragment_length": config.rollout_fragment_length,
@@ -112,4 +131,5 @@ class NewStackAdapter(Adapter):
             "evaluation_parallel_to_training": getattr(config, "evaluation_parallel_to_training", None),
             # nan-mean of per-(runner, get_metrics call) means over the last ceil(S / num_env_runners) episodes
             "smoothing_model": "per_call_window",
+            "evaluation_discards_last_call": self._evaluation_discards_last_call(config),
         }

@@ -1,0 +1,160 @@
+"""Shared by the per-Ray-version end-to-end tests (``tests/versions/``): a tiny PPO config
+on the new API stack (Ray 2.4x – 2.60 spelling), training, the env's own ledger against
+the tap, and the CLI through click's ``CliRunner``.
+
+Imports Ray lazily, so importing this module never needs Ray.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections import Counter
+from typing import Any
+
+from click.testing import CliRunner
+
+from reward_audit.cli import main
+
+
+def new_stack_ppo_config(env: Any, env_config: dict, policies: list[str], mapping: Any, out: str, *, runners: int = 0, envs: int = 1, fragment: int = 16, evaluation: bool = False, eval_episodes: int = 2, callback: Any = None) -> Any:
+    """PPO on the new API stack (2.4x+ method names), recording to ``out``; tiny and CPU-only."""
+    from ray.rllib.algorithms.ppo import PPOConfig
+
+    from reward_audit import RewardAuditCallback
+
+    config = (
+        PPOConfig()
+        .environment(env, env_config=env_config, disable_env_checking=True)
+        .multi_agent(policies=set(policies), policy_mapping_fn=mapping)
+        .env_runners(num_env_runners=runners, num_envs_per_env_runner=envs, rollout_fragment_length=fragment)
+        .training(train_batch_size_per_learner=128, minibatch_size=64, num_epochs=1)
+        .rl_module(model_config={"fcnet_hiddens": [8]})
+        .callbacks((callback or RewardAuditCallback).writing_to(out))
+    )
+    if evaluation:
+        config = config.evaluation(
+            evaluation_interval=1,
+            evaluation_duration=eval_episodes,
+            evaluation_duration_unit="episodes",
+            evaluation_num_env_runners=runners,
+        )
+    return config
+
+
+def old_stack_ppo_config(env: Any, env_config: dict, policies: list[str], mapping: Any, out: str, *, runners: int = 0, envs: int = 1, fragment: int = 16, evaluation: bool = False, eval_episodes: int = 2, callback: Any = None) -> Any:
+    """The same run on the old API stack (RolloutWorker), Ray 2.53 / 2.60 spelling."""
+    from ray.rllib.algorithms.ppo import PPOConfig
+
+    from reward_audit import RewardAuditCallback
+
+    config = (
+        PPOConfig()
+        .api_stack(enable_rl_module_and_learner=False, enable_env_runner_and_connector_v2=False)
+        .environment(env, env_config=env_config, disable_env_checking=True)
+        .multi_agent(policies=set(policies), policy_mapping_fn=mapping)
+        .env_runners(num_env_runners=runners, num_envs_per_env_runner=envs, rollout_fragment_length=fragment)
+        .training(train_batch_size=128, minibatch_size=64, num_epochs=1, model={"fcnet_hiddens": [8]})
+        .callbacks((callback or RewardAuditCallback).writing_to(out))
+    )
+    if evaluation:
+        config = config.evaluation(
+            evaluation_interval=1,
+            evaluation_duration=eval_episodes,
+            evaluation_duration_unit="episodes",
+            evaluation_num_env_runners=runners,
+        )
+    return config
+
+
+def record_scaled_rewards(base: Any, policies: list[str], mapping: Any, *, agents: tuple | list = (0, 1, 2), iterations: int = 2, build: Any = new_stack_ppo_config) -> tuple[str, list[dict]]:
+    """The version scenarios: ``ScaledRewardsEnv`` with random rewards, 30-step episodes cut
+    into 16-step fragments, evaluation of 2 whole episodes per iteration; trains
+    ``iterations`` tiny PPO iterations and returns ``(run folder, the env's ledger lines)``."""
+    from reward_audit.envs import ScaledRewardsEnv
+
+    out, led = os.path.join(str(base), "trial"), os.path.join(str(base), "ledger")
+    os.makedirs(led)
+    env_config = {"agents": list(agents), "episode_len": 30, "random_rewards": True, "ledger_dir": led}
+    train(build(ScaledRewardsEnv, env_config, policies, mapping, out, fragment=16, evaluation=True), iterations)
+    return out, ledger(led)
+
+
+def train(config: Any, iterations: int) -> list[dict]:
+    """Build (``build_algo`` where it exists, else ``build``), train, always stop."""
+    algo = config.build_algo() if hasattr(config, "build_algo") else config.build()
+    try:
+        return [algo.train() for _ in range(iterations)]
+    finally:
+        algo.stop()
+
+
+def ledger(folder: str) -> list[dict]:
+    """Every finished episode the env itself counted (``env_config["ledger_dir"]``)."""
+    lines: list[dict] = []
+    for file in glob.glob(os.path.join(folder, "ledger-*.jsonl")):
+        with open(file) as f:
+            lines += [json.loads(line) for line in f]
+    return lines
+
+
+def assert_raw_matches_ledger(run: Any, ledger_lines: list[dict]) -> None:
+    """Per finished episode and agent, the tap's sums equal the env's own count (as multisets:
+    the env cannot know RLlib's episode ids, but random rewards make every episode unique)."""
+    raw = run.raw[run.raw.groupby(["runner_id", "episode_id"])["episode_done"].transform("any")]
+    sums = raw.groupby(["runner_id", "episode_id", "agent_id"])[["reward", "pre_obs_reward"]].sum()
+    recorded: Counter = Counter()
+    for _, g in sums.groupby(level=[0, 1]):
+        recorded[tuple(sorted((a, round(r, 9), round(p, 9)) for (_, _, a), (r, p) in g.iterrows()))] += 1
+    expected = Counter(
+        tuple(sorted((a, round(r, 9), round(line["pre_obs"].get(a, 0.0), 9)) for a, r in line["sums"].items())) for line in ledger_lines
+    )
+    if not expected:
+        raise AssertionError("the env's ledger holds no finished episode; nothing to check the tap against")
+    if recorded != expected:
+        raise AssertionError(f"tap vs env ledger: only recorded {recorded - expected}; only in the ledger {expected - recorded}")
+
+
+def cli_compare(path: str, *args: str) -> tuple[int, str]:
+    """``reward-audit compare PATH ARGS...`` through click's CliRunner: ``(exit code, output)``."""
+    result = CliRunner().invoke(main, ["compare", str(path), *args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.output
+
+
+def cli_findings(path: str) -> tuple[int, dict[tuple[str, str, str], dict]]:
+    """``reward-audit compare --json PATH``: ``(exit code, {(phase, kind, key): finding})``."""
+    code, output = cli_compare(path, "--json")
+    return code, {(f["phase"], f["kind"], f["key"]): f for f in json.loads(output)}
+
+
+# ----------------------------------------------------------------- Ray 2.1x experimental new stack
+
+
+def experimental_stack_ppo_config(env: Any, env_config: dict, policies: list[str], mapping: Any, out: str, *, policies_to_train: list[str] | None = None, fragment: int = 16, train_batch_size: int = 256, evaluation: dict | None = None, callback: Any = None) -> Any:
+    """PPO on Ray 2.12's experimental new API stack (2.1x method names: ``experimental``,
+    ``rollouts``, ``sgd_minibatch_size``), one local env runner, recording to ``out``.
+
+    ``train_batch_size=256``: smaller batches with frozen modules crashed 2.12's learner
+    (RLLIB_NOTES §1). ``evaluation``: keyword arguments for ``config.evaluation``.
+    """
+    from ray.rllib.algorithms.ppo import PPOConfig
+    from ray.rllib.env.multi_agent_env_runner import MultiAgentEnvRunner
+
+    from reward_audit import RewardAuditCallback
+
+    config = (
+        PPOConfig()
+        .experimental(_enable_new_api_stack=True)
+        .framework("torch")
+        .environment(env, env_config=env_config, disable_env_checking=True)
+        .rollouts(env_runner_cls=MultiAgentEnvRunner, num_rollout_workers=0, rollout_fragment_length=fragment)
+        .training(train_batch_size=train_batch_size, sgd_minibatch_size=64, num_sgd_iter=1, model={"fcnet_hiddens": [8]})
+        .multi_agent(policies=set(policies), policy_mapping_fn=mapping, policies_to_train=policies_to_train)
+        .callbacks((callback or RewardAuditCallback).writing_to(out))
+    )
+    if evaluation:
+        config = config.evaluation(**evaluation)
+    return config

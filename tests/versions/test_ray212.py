@@ -1,0 +1,256 @@
+"""Ray 2.12, experimental new API stack: reward_audit catches the chunk leak, and nothing else.
+
+In 2.12 ``MultiAgentEnvRunner.get_metrics()`` adds the *whole multi-agent* return of every
+earlier chunk of an episode to each (agent, module) value
+(``ray/rllib/env/multi_agent_env_runner.py:588-595``), so for an episode sampled over several
+``sample()`` calls
+
+    reported(a -> m) = a's final-chunk return + every agent's earlier-chunk returns
+
+(RLLIB_NOTES §5; ``reward_audit/capture/experimental.py``). The episode return is right, and so
+is every single-chunk episode.
+
+Scenarios (tiny PPO, one local env runner, rollout_fragment_length 16, train batch 256,
+``ScaledRewardsEnv`` agents 0 and 1 paid 1 and 10 per step x U(0.5, 1.5), four policies
+p1..p4 seated per episode by ``map_four_policies_by_episode``, only p1 and p2 trained):
+
+a. *seed*: 30-step episodes, so every training episode spans 2-3 fragments (none fits in one);
+   evaluation samples 2 whole episodes per iteration on the local evaluation runner
+   (``evaluation_duration_unit="episodes"``): training LEAKs, evaluation is CLEAN.
+b. *auto evaluation*: ``evaluation_duration="auto"`` + ``evaluation_parallel_to_training`` on
+   one remote evaluation runner, which samples >= 100 timesteps per round, so evaluation
+   episodes are cut into chunks and LEAK too. 12-step episodes: in training half the episodes
+   fit in one 16-step fragment, which shows single-chunk episodes are CLEAN.
+
+Selected only by ``-m ray212`` (``tests/versions/conftest.py``), in a Ray 2.12 environment::
+
+    /tmp/venv212/bin/python -m pytest -q -m ray212 tests/versions/test_ray212.py
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import zlib
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+
+from helpers import assert_raw_matches_ledger, cli_compare, cli_findings, experimental_stack_ppo_config, train
+from reward_audit import Verdict, compare, load_run
+
+pytestmark = pytest.mark.ray212
+
+POLICIES = ["p1", "p2", "p3", "p4"]
+FAILING = {"LEAK", "DROP", "MISMATCH"}
+OTHER = {"0": "1", "1": "0"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_instance():
+    import ray
+
+    if not ray.__version__.startswith("2.12."):
+        pytest.fail(f"the ray212 scenarios need Ray 2.12 (installed: {ray.__version__}); run them with /tmp/venv212/bin/python or `make test-versions`")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def record(tmp_path_factory, name: str, *, episode_len: int, evaluation: dict, iterations: int = 3) -> SimpleNamespace:
+    from reward_audit.envs import ScaledRewardsEnv, map_four_policies_by_episode
+
+    base = tmp_path_factory.mktemp(name)
+    out, led = str(base / "trial"), str(base / "ledger")
+    os.makedirs(led)
+    env_config = {"agents": [0, 1], "scales": [1.0, 10.0], "episode_len": episode_len, "random_rewards": True, "ledger_dir": led}
+    config = experimental_stack_ppo_config(
+        ScaledRewardsEnv, env_config, POLICIES, map_four_policies_by_episode, out, policies_to_train=["p1", "p2"], evaluation=evaluation
+    )
+    results = train(config, iterations)
+    return SimpleNamespace(out=out, ledger_dir=led, results=results, run=load_run(out))
+
+
+@pytest.fixture(scope="module")
+def seed(tmp_path_factory):
+    evaluation = {"evaluation_interval": 1, "evaluation_duration": 2, "evaluation_duration_unit": "episodes", "evaluation_num_workers": 0}
+    return record(tmp_path_factory, "seed", episode_len=30, evaluation=evaluation)
+
+
+@pytest.fixture(scope="module")
+def auto_eval(tmp_path_factory):
+    evaluation = {"evaluation_interval": 1, "evaluation_duration": "auto", "evaluation_parallel_to_training": True, "evaluation_num_workers": 1}
+    return record(tmp_path_factory, "auto_eval", episode_len=12, evaluation=evaluation)
+
+
+def chunk_features(run):
+    """Per (runner, episode, agent): counted rewards in the final chunk and in earlier chunks,
+    the number of chunks and the module — straight from the raw Parquet rows."""
+    raw = run.raw.assign(counted=run.raw["reward"] - run.raw["pre_obs_reward"])
+    last = raw.groupby(["runner_id", "episode_id"])["chunk_seq"].transform("max")
+    raw = raw.assign(final=raw["counted"].where(raw["chunk_seq"] == last, 0.0))
+    per_agent = raw.groupby(["phase", "runner_id", "episode_id", "agent_id"]).agg(
+        counted=("counted", "sum"), final=("final", "sum"), module_id=("module_id", "last"), done=("episode_done", "any")
+    )
+    per_agent["earlier"] = per_agent["counted"] - per_agent["final"]
+    chunks = raw.groupby(["runner_id", "episode_id"])["chunk_seq"].nunique().rename("chunks")
+    return per_agent.reset_index().join(chunks, on=["runner_id", "episode_id"])
+
+
+def ledger_by_pid(folder: str) -> dict[int, list[dict]]:
+    lines: dict[int, list[dict]] = {}
+    for file in glob.glob(os.path.join(folder, "ledger-*.jsonl")):
+        pid = int(os.path.basename(file).split("-")[1])
+        with open(file) as f:
+            lines.setdefault(pid, []).extend(json.loads(line) for line in f)
+    return lines
+
+
+def finished_episode_signatures(raw) -> Counter:
+    done = raw[raw.groupby(["runner_id", "episode_id"])["episode_done"].transform("any")]
+    sums = done.groupby(["runner_id", "episode_id", "agent_id"])["reward"].sum()
+    return Counter(tuple(sorted((a, round(r, 9)) for (_, _, a), r in g.items())) for _, g in sums.groupby(level=[0, 1]))
+
+
+# --------------------------------------------------------------------------- a. the seed
+
+
+def test_seed_compare_fails_with_training_leak_and_clean_evaluation(seed):
+    code, findings = cli_findings(seed.out)
+    assert code == 1
+    seated = set(seed.run.raw.loc[seed.run.raw["phase"] == "train", "module_id"])
+    assert {"p1", "p2"} <= seated and seated & {"p3", "p4"}, seated  # p3 / p4 took a seat
+    failing = {k for k, f in findings.items() if f["verdict"] in FAILING}
+    assert failing == {("train", "policy", p) for p in seated}, failing
+    episode_ids = set(seed.run.raw["episode_id"]) & set(seed.run.reported["episode_id"])
+    for policy in seated:
+        f = findings[("train", "policy", policy)]
+        assert f["verdict"] == "LEAK" and f["counts"] == {"LEAK": f["episodes"]}, f
+        assert f["reported"] > f["truth"]
+        assert f["evidence"]
+        for e in f["evidence"]:
+            assert e["episode_id"] in episode_ids and len(e["episode_id"]) == 32 and e["chunks"] >= 2
+            other = OTHER[e["agent_id"]]
+            # The excess is exactly the other agent's rewards from the episode's earlier chunks.
+            assert e["explanation"].startswith(f"reported = truth + agent {other}'s earlier-chunk rewards ("), e["explanation"]
+            assert "equally explained" not in e["explanation"] and "final-chunk" not in e["explanation"], e["explanation"]
+    assert findings[("train", "episode", "return")]["verdict"] == "CLEAN"
+    # Evaluation, side by side in the same report: whole episodes, all clean.
+    evaluated = set(seed.run.raw.loc[seed.run.raw["phase"] == "evaluation", "module_id"])
+    assert {"p1", "p2"} <= evaluated
+    for policy in evaluated:
+        assert findings[("evaluation", "policy", policy)]["verdict"] == "CLEAN", findings[("evaluation", "policy", policy)]
+    assert findings[("evaluation", "episode", "return")]["verdict"] == "CLEAN"
+    assert findings[("evaluation", "episode", "return")]["episodes"] == 6  # 3 iterations x 2 episodes
+    _, text = cli_compare(seed.out)
+    lines = text.splitlines()
+    assert any(line.split()[:3] == ["train", "policy", "p1"] and line.endswith("LEAK") for line in lines), text
+    assert any(line.split()[:3] == ["evaluation", "policy", "p1"] and line.endswith("CLEAN") for line in lines), text
+
+
+def test_seed_every_training_episode_is_multi_chunk_and_follows_the_212_formula(seed):
+    """Independently of compare(): each reported policy value, from the Parquet rows alone."""
+    feats = chunk_features(seed.run).set_index(["runner_id", "episode_id", "agent_id"])
+    policy = seed.run.reported[seed.run.reported["kind"] == "policy"]
+    checked = Counter()
+    for r in policy.itertuples():
+        ep = feats.loc[(r.runner_id, r.episode_id)]
+        own = ep.loc[r.agent_id]
+        assert own["module_id"] == r.module_id
+        if r.phase == "train":
+            # 30-step episodes, 16-step fragments: no training episode fits in one chunk.
+            assert own["chunks"] >= 2
+            assert r.value == pytest.approx(own["final"] + ep["earlier"].sum(), abs=1e-6)
+            assert r.value - own["counted"] == pytest.approx(ep.loc[OTHER[r.agent_id], "earlier"], abs=1e-6)
+            assert ep.loc[OTHER[r.agent_id], "earlier"] > 0
+        else:
+            assert own["chunks"] == 1
+            assert r.value == pytest.approx(own["counted"], abs=1e-6)
+        checked[r.phase] += 1
+    assert checked["train"] >= 2 * 20 and checked["evaluation"] == 2 * 6
+    # The recorded seats are the mapping function's, re-derived from the episode ids by hand.
+    for (runner, episode, agent), row in feats.iterrows():
+        bucket = zlib.crc32(episode.encode()) % 10
+        expected = ("p3" if bucket < 3 else "p1") if agent == "0" else ("p4" if 3 <= bucket < 6 else "p2")
+        assert row["module_id"] == expected, (episode, agent)
+
+
+def test_seed_dashboard_numbers_carry_the_leak(seed):
+    """``policy_reward_mean/<p>`` (and its ``sampler_results/`` copy) in each train() result is
+    the mean of RLlib's per-episode values so far (fewer than S=100 episodes), not the truth;
+    ``episode_reward_mean`` is the truth."""
+    audit = compare(seed.out)
+    train_eps = audit.episodes[(audit.episodes["phase"] == "train") & ~audit.episodes["missing_report"]]
+    for result in seed.results:
+        upto = train_eps[train_eps["iteration"] <= result["training_iteration"]]
+        policy = upto[upto["kind"] == "policy"]
+        assert set(result["policy_reward_mean"]) == set(policy["module_id"])
+        for p, shown in result["policy_reward_mean"].items():
+            mine = policy[policy["module_id"] == p]
+            assert shown == pytest.approx(mine["reported"].mean(), rel=1e-9)
+            assert result["sampler_results"]["policy_reward_mean"][p] == shown
+            assert shown > mine["truth"].mean()
+        assert result["episode_reward_mean"] == pytest.approx(upto.loc[upto["kind"] == "episode", "truth"].mean(), rel=1e-9)
+    paths = set(seed.run.iterations["path"])
+    assert {"policy_reward_mean/p1", "sampler_results/policy_reward_max/p2", "evaluation/policy_reward_mean/p1", "evaluation/sampler_results/episode_reward_mean"} <= paths
+
+
+def test_seed_tap_matches_the_env_ledger(seed):
+    run = seed.run
+    assert run.manifest["ray_version"] == "2.12.0" and run.manifest["adapter"] == "experimental-new-stack-2.1x"
+    assert run.manifest["rollout_fragment_length"] == 16 and run.manifest["num_rollout_workers"] == 0
+    assert set(run.raw["env_index"]) == {0} and set(run.raw["agent_id_type"]) == {"int"}
+    assert run.manifest.get("capture_failures") in (None, 0)
+    lines = [line for lines in ledger_by_pid(seed.ledger_dir).values() for line in lines]
+    assert len(lines) >= 20 + 6
+    assert_raw_matches_ledger(run, lines)
+
+
+# --------------------------------------------------------------------------- b. auto evaluation
+
+
+def test_auto_evaluation_is_chunked_and_leaks(auto_eval):
+    code, findings = cli_findings(auto_eval.out)
+    assert code == 1
+    audit = compare(auto_eval.out)
+    policy = audit.episodes[audit.episodes["kind"] == "policy"]
+    ev = policy[policy["phase"] == "evaluation"]
+    assert (ev["chunks"] > 1).any(), "no evaluation episode spanned two sample() rounds"
+    # Every multi-chunk evaluation value leaks; every single-chunk one is right.
+    assert set(ev.loc[ev["chunks"] > 1, "verdict"]) == {"LEAK"}
+    assert set(ev.loc[ev["chunks"] == 1, "verdict"]) == {"CLEAN"}
+    leaking = {k for k, f in findings.items() if k[0] == "evaluation" and f["verdict"] == "LEAK"}
+    assert leaking and all(k[1] == "policy" for k in leaking)
+    for k in leaking:
+        for e in findings[k]["evidence"]:
+            assert e["chunks"] >= 2 and e["explanation"].startswith(f"reported = truth + agent {OTHER[e['agent_id']]}'s earlier-chunk rewards ("), e
+    assert findings[("evaluation", "episode", "return")]["verdict"] == "CLEAN"
+    assert auto_eval.run.manifest["evaluation_duration"] == "auto" and auto_eval.run.manifest["evaluation_num_workers"] == 1
+    assert set(auto_eval.run.raw.loc[auto_eval.run.raw["phase"] == "evaluation", "worker_index"]) == {1}  # the remote runner
+
+
+def test_single_chunk_training_episodes_are_clean(auto_eval):
+    """12-step episodes in 16-step fragments: about half fit in one chunk."""
+    audit = compare(auto_eval.out)
+    tr = audit.episodes[(audit.episodes["phase"] == "train") & (audit.episodes["kind"] == "policy")]
+    single, multi = tr[tr["chunks"] == 1], tr[tr["chunks"] > 1]
+    assert len(single) >= 10 and len(multi) >= 10
+    assert set(single["verdict"]) == {"CLEAN"} and set(multi["verdict"]) == {"LEAK"}
+    assert (single["reported"] - single["truth"]).abs().max() < 1e-6
+
+
+def test_auto_evaluation_tap_matches_the_env_ledger(auto_eval):
+    """Training (the driver process's env) matches the ledger exactly. The remote evaluation
+    runner keeps sampling asynchronously: episodes it finishes after the last collection are
+    in its ledger but were never drained, so there every recorded episode must be in the
+    ledger, not the other way round."""
+    run, by_pid = auto_eval.run, ledger_by_pid(auto_eval.ledger_dir)
+    driver = os.getpid()
+    assert_raw_matches_ledger(SimpleNamespace(raw=run.raw[run.raw["phase"] == "train"]), by_pid[driver])
+    [eval_pid] = set(by_pid) - {driver}
+    recorded = finished_episode_signatures(run.raw[run.raw["phase"] == "evaluation"])
+    expected = Counter(tuple(sorted((a, round(r, 9)) for a, r in line["sums"].items())) for line in by_pid[eval_pid])
+    assert sum(recorded.values()) >= 10
+    assert not recorded - expected, recorded - expected

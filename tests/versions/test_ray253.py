@@ -1,0 +1,141 @@
+"""Ray 2.53 (new API stack): reward_audit must catch the shared-module bug, and nothing else.
+
+In 2.53 ``MultiAgentEnvRunner.get_metrics()`` builds ``module_episode_returns`` with a dict
+comprehension keyed by module id over the final chunk's single-agent episodes
+(``ray/rllib/env/multi_agent_env_runner.py:640-646``), so when several agents share a
+module only the *last* agent's final-chunk return survives; earlier chunks of all agents
+are then added correctly (``:656-660``). Per-agent values and the episode return are right.
+RLLIB_NOTES §5: reported(m) = final chunk of one of m's agents + earlier chunks of all.
+
+Run with ``make test-versions`` (its own virtualenv with ``ray[rllib]==2.53.0``) or
+``pytest -m ray253 tests/versions/`` in a 2.53 environment.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+ray = pytest.importorskip("ray", reason="needs ray[rllib]==2.53.*; `make test-versions` builds that environment")
+
+from helpers import assert_raw_matches_ledger, cli_compare, cli_findings, record_scaled_rewards  # noqa: E402
+from reward_audit import load_run  # noqa: E402
+from reward_audit.envs import map_all_shared, map_by_id  # noqa: E402
+
+pytestmark = [
+    pytest.mark.ray253,
+    pytest.mark.rllib,
+    pytest.mark.skipif(not ray.__version__.startswith("2.53."), reason=f"Ray 2.53 scenarios; Ray {ray.__version__} is installed"),
+]
+
+AGENTS = [0, 1, 2]
+# RLlib keeps agents in insertion order (the reset observation's order), so the one
+# agent whose final chunk survives in the module value is the last one.
+SURVIVOR, DROPPED = "2", ("0", "1")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_instance():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def shared_run(tmp_path_factory):
+    return record_scaled_rewards(tmp_path_factory.mktemp("shared"), ["shared"], map_all_shared, agents=AGENTS)
+
+
+@pytest.fixture(scope="module")
+def separate_run(tmp_path_factory):
+    return record_scaled_rewards(tmp_path_factory.mktemp("separate"), ["p_0", "p_1", "p_2"], map_by_id, agents=AGENTS)
+
+
+# --------------------------------------------------------------------------- a. one shared module
+
+
+def test_shared_module_is_drop_in_train_and_evaluation(shared_run):
+    out, _ = shared_run
+    code, findings = cli_findings(out)
+    assert code == 1
+    for phase in ("train", "evaluation"):
+        shared = findings[(phase, "module", "shared")]
+        assert shared["verdict"] == "DROP", shared
+        # Every episode is wrong: random rewards > 0, so the dropped final chunks are never 0.
+        assert shared["counts"] == {"DROP": shared["episodes"]} and shared["episodes"] >= 2
+        assert shared["reported"] < shared["truth"]
+        assert shared["evidence"]
+        for e in shared["evidence"]:
+            text = e["explanation"]
+            for agent in DROPPED:
+                assert f"agent {agent}'s final-chunk rewards" in text, text
+            assert f"agent {SURVIVOR}" not in text and "earlier" not in text and "equally explained" not in text, text
+    # Training episodes span several fragments; evaluation samples whole episodes (1 chunk),
+    # so the evaluation value is exactly the survivor's return.
+    assert any(e["chunks"] > 1 for e in findings[("train", "module", "shared")]["evidence"])
+    assert all(e["chunks"] == 1 for e in findings[("evaluation", "module", "shared")]["evidence"])
+
+
+def test_shared_module_per_agent_and_episode_values_are_clean(shared_run):
+    out, _ = shared_run
+    _, findings = cli_findings(out)
+    for phase in ("train", "evaluation"):
+        for agent in ["0", "1", "2"]:
+            assert findings[(phase, "agent", agent)]["verdict"] == "CLEAN", findings[(phase, "agent", agent)]
+        assert findings[(phase, "episode", "return")]["verdict"] == "CLEAN"
+    failing = {k for k, f in findings.items() if f["verdict"] in ("LEAK", "DROP", "MISMATCH")}
+    assert failing == {("train", "module", "shared"), ("evaluation", "module", "shared")}
+
+
+def test_shared_module_values_follow_the_253_formula(shared_run):
+    """Independently of compare(): from the Parquet tables, every reported module value is
+    earlier chunks of all agents + the final chunk of agent 2 only, and every evaluation
+    episode really had 3 agents on the one module."""
+    out, _ = shared_run
+    run = load_run(out)
+    raw = run.raw.assign(counted=run.raw["reward"] - run.raw["pre_obs_reward"])
+    last = raw.groupby(["runner_id", "episode_id"])["chunk_seq"].transform("max")
+    raw = raw.assign(is_final=raw["chunk_seq"] == last)
+    module = run.reported[run.reported["kind"] == "module"]
+    assert set(module["module_id"]) == {"shared"}
+    checked = {"train": 0, "evaluation": 0}
+    for r in module.itertuples():
+        ep = raw[(raw["runner_id"] == r.runner_id) & (raw["episode_id"] == r.episode_id)]
+        assert set(ep["module_id"]) == {"shared"} and set(ep["agent_id"]) == {"0", "1", "2"}
+        truth = ep["counted"].sum()
+        rllib_253 = ep.loc[~ep["is_final"], "counted"].sum() + ep.loc[ep["is_final"] & (ep["agent_id"] == SURVIVOR), "counted"].sum()
+        dropped = ep.loc[ep["is_final"] & ep["agent_id"].isin(DROPPED), "counted"].sum()
+        assert r.value == pytest.approx(rllib_253, abs=1e-6)
+        assert truth - r.value == pytest.approx(dropped, abs=1e-6) and dropped > 0
+        checked[r.phase] += 1
+    assert checked["train"] >= 4 and checked["evaluation"] == 4  # 2 evaluations x 2 episodes
+
+
+def test_shared_module_verbose_output_names_the_dropped_agents(shared_run):
+    out, _ = shared_run
+    code, text = cli_compare(out, "--verbose")
+    assert code == 1
+    assert "DROP       train module shared: DROP in" in text
+    assert "DROP       evaluation module shared: DROP in" in text
+    assert "agent 0's final-chunk rewards" in text and "agent 1's final-chunk rewards" in text
+
+
+def test_shared_module_tap_matches_the_env_ledger(shared_run):
+    out, lines = shared_run
+    run = load_run(out)
+    assert run.manifest["ray_version"].startswith("2.53.") and run.manifest["api_stack"] == "new"
+    assert_raw_matches_ledger(run, lines)
+
+
+# --------------------------------------------------------------------------- b. one module per agent
+
+
+def test_separate_modules_are_clean(separate_run):
+    out, lines = separate_run
+    code, findings = cli_findings(out)
+    assert code == 0, findings
+    for phase in ("train", "evaluation"):
+        for agent in ["0", "1", "2"]:
+            assert findings[(phase, "module", f"p_{agent}")]["verdict"] == "CLEAN"
+            assert findings[(phase, "agent", agent)]["verdict"] == "CLEAN"
+    assert {f["verdict"] for f in findings.values()} <= {"CLEAN", "INCOMPLETE"}
+    assert_raw_matches_ledger(load_run(out), lines)

@@ -1,0 +1,86 @@
+"""Ray 2.60: the Ray 2.53 scenarios come out CLEAN (the shared-module bug is fixed:
+``module_episode_returns[m] += ...`` sums every agent of the module).
+
+Run with ``make test-versions`` (its own virtualenv with ``ray[rllib]==2.60.0``) or
+``pytest -m ray260 tests/versions/`` in a 2.60 environment.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+ray = pytest.importorskip("ray", reason="needs ray[rllib]==2.60.*; `make test-versions` builds that environment")
+
+from helpers import assert_raw_matches_ledger, cli_findings, old_stack_ppo_config, record_scaled_rewards  # noqa: E402
+from reward_audit import load_run  # noqa: E402
+from reward_audit.envs import map_all_shared, map_by_id  # noqa: E402
+
+pytestmark = [
+    pytest.mark.ray260,
+    pytest.mark.rllib,
+    pytest.mark.skipif(not ray.__version__.startswith("2.60."), reason=f"Ray 2.60 scenarios; Ray {ray.__version__} is installed"),
+]
+
+AGENTS = [0, 1, 2]
+FAILING = {"LEAK", "DROP", "MISMATCH"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_instance():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def assert_all_clean(findings, keys):
+    failing = {k: f["message"] for k, f in findings.items() if f["verdict"] in FAILING}
+    assert not failing, failing
+    for key in keys:
+        assert findings[key]["verdict"] == "CLEAN", findings[key]
+
+
+def test_shared_module_is_clean_on_the_new_stack(tmp_path):
+    out, lines = record_scaled_rewards(tmp_path, ["shared"], map_all_shared, agents=AGENTS)
+    code, findings = cli_findings(out)
+    assert code == 0, findings
+    assert_all_clean(findings, [(p, k, key) for p in ("train", "evaluation") for k, key in [("module", "shared"), ("agent", "0"), ("agent", "1"), ("agent", "2"), ("episode", "return")]])
+    run = load_run(out)
+    assert run.manifest["ray_version"].startswith("2.60.") and run.manifest["api_stack"] == "new"
+    # The scenario does exercise the 2.53 bug's conditions: 3 agents on one module, multi-chunk training episodes.
+    train = run.raw[run.raw["phase"] == "train"]
+    assert (train.groupby("episode_id")["chunk_seq"].nunique() > 1).any()
+    assert set(run.raw["module_id"]) == {"shared"} and (run.raw.groupby("episode_id")["agent_id"].nunique() == 3).all()
+    assert_raw_matches_ledger(run, lines)
+
+
+def test_separate_modules_are_clean_on_the_new_stack(tmp_path):
+    out, lines = record_scaled_rewards(tmp_path, ["p_0", "p_1", "p_2"], map_by_id, agents=AGENTS)
+    code, findings = cli_findings(out)
+    assert code == 0, findings
+    assert_all_clean(findings, [(p, "module", f"p_{a}") for p in ("train", "evaluation") for a in "012"])
+    assert_raw_matches_ledger(load_run(out), lines)
+
+
+def has_old_stack_adapter() -> bool:
+    from types import SimpleNamespace
+
+    from reward_audit.capture import detect
+    from reward_audit.errors import UnsupportedRayError
+
+    try:
+        detect(SimpleNamespace(enable_env_runner_and_connector_v2=False, enable_rl_module_and_learner=False), ray.__version__)
+    except UnsupportedRayError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not has_old_stack_adapter(), reason="this reward_audit has no old-stack capture adapter for this Ray")
+def test_shared_module_is_clean_on_the_old_stack(tmp_path):
+    out, lines = record_scaled_rewards(tmp_path, ["shared"], map_all_shared, agents=AGENTS, build=old_stack_ppo_config)
+    code, findings = cli_findings(out)
+    assert code == 0, findings
+    assert_all_clean(findings, [])
+    run = load_run(out)
+    assert run.manifest["api_stack"] == "old"
+    assert any(f["verdict"] == "CLEAN" and f["phase"] == "train" and f["key"] == "shared" for f in findings.values())
+    assert_raw_matches_ledger(run, lines)
