@@ -18,6 +18,18 @@ from click.testing import CliRunner
 from reward_audit.cli import main
 
 
+def _with_evaluation(config: Any, evaluation: bool, runners: int, episodes: int) -> Any:
+    """Evaluation every iteration over ``episodes`` whole episodes (2.4x+ spelling)."""
+    if not evaluation:
+        return config
+    return config.evaluation(
+        evaluation_interval=1,
+        evaluation_duration=episodes,
+        evaluation_duration_unit="episodes",
+        evaluation_num_env_runners=runners,
+    )
+
+
 def new_stack_ppo_config(env: Any, env_config: dict, policies: list[str], mapping: Any, out: str, *, runners: int = 0, envs: int = 1, fragment: int = 16, evaluation: bool = False, eval_episodes: int = 2, callback: Any = None) -> Any:
     """PPO on the new API stack (2.4x+ method names), recording to ``out``; tiny and CPU-only."""
     from ray.rllib.algorithms.ppo import PPOConfig
@@ -33,14 +45,7 @@ def new_stack_ppo_config(env: Any, env_config: dict, policies: list[str], mappin
         .rl_module(model_config={"fcnet_hiddens": [8]})
         .callbacks((callback or RewardAuditCallback).writing_to(out))
     )
-    if evaluation:
-        config = config.evaluation(
-            evaluation_interval=1,
-            evaluation_duration=eval_episodes,
-            evaluation_duration_unit="episodes",
-            evaluation_num_env_runners=runners,
-        )
-    return config
+    return _with_evaluation(config, evaluation, runners, eval_episodes)
 
 
 def old_stack_ppo_config(env: Any, env_config: dict, policies: list[str], mapping: Any, out: str, *, runners: int = 0, envs: int = 1, fragment: int = 16, evaluation: bool = False, eval_episodes: int = 2, callback: Any = None) -> Any:
@@ -58,14 +63,7 @@ def old_stack_ppo_config(env: Any, env_config: dict, policies: list[str], mappin
         .training(train_batch_size=128, minibatch_size=64, num_epochs=1, model={"fcnet_hiddens": [8]})
         .callbacks((callback or RewardAuditCallback).writing_to(out))
     )
-    if evaluation:
-        config = config.evaluation(
-            evaluation_interval=1,
-            evaluation_duration=eval_episodes,
-            evaluation_duration_unit="episodes",
-            evaluation_num_env_runners=runners,
-        )
-    return config
+    return _with_evaluation(config, evaluation, runners, eval_episodes)
 
 
 def record_scaled_rewards(base: Any, policies: list[str], mapping: Any, *, agents: tuple | list = (0, 1, 2), iterations: int = 2, build: Any = new_stack_ppo_config) -> tuple[str, list[dict]]:

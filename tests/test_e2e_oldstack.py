@@ -45,13 +45,6 @@ SPELLING_24X = RAY >= (2, 40)  # env_runners(), api_stack(), build_algo(), resul
 RESULTS = "env_runners/" if SPELLING_24X else ""  # where the old-stack episode numbers sit
 
 
-@pytest.fixture(scope="module")
-def ray_instance():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
-
-
 def old_stack_config(env, env_config, policies, mapping, out, *, runners=0, envs=1, fragment=16, evaluation=False, remote_envs=False, callback=None):
     # Old stack: train_batch_size (not _per_learner) and model= (not rl_module).
     if SPELLING_24X:

@@ -12,9 +12,7 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="end-to-end tests need ray[rllib]; `make test` installs it")
 
-from ray.rllib.algorithms.ppo import PPOConfig  # noqa: E402
-
-from helpers import assert_raw_matches_ledger, ledger  # noqa: E402  (tests/helpers.py, shared with tests/versions/)
+from helpers import assert_raw_matches_ledger, ledger, new_stack_ppo_config  # noqa: E402  (tests/helpers.py)
 from reward_audit import RewardAuditCallback, Verdict, compare, load_run  # noqa: E402
 from reward_audit.envs import ScaledRewardsEnv, TurnBasedEnv, map_all_shared, map_by_id  # noqa: E402
 
@@ -22,30 +20,12 @@ pytestmark = pytest.mark.rllib
 
 
 @pytest.fixture(scope="module", autouse=True)
-def ray_instance():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+def _ray(ray_instance):  # one Ray for the whole module (tests/conftest.py)
     yield
-    ray.shutdown()
 
 
-def base_config(env, env_config, policies, mapping, out, *, runners=0, envs=1, fragment=16, evaluation=False, callback=None):
-    config = (
-        PPOConfig()
-        .environment(env, env_config=env_config, disable_env_checking=True)
-        .multi_agent(policies=set(policies), policy_mapping_fn=mapping)
-        .env_runners(num_env_runners=runners, num_envs_per_env_runner=envs, rollout_fragment_length=fragment)
-        .training(train_batch_size_per_learner=128, minibatch_size=64, num_epochs=1)
-        .rl_module(model_config={"fcnet_hiddens": [8]})
-        .callbacks((callback or RewardAuditCallback).writing_to(out))
-    )
-    if evaluation:
-        config = config.evaluation(
-            evaluation_interval=1,
-            evaluation_duration=2,
-            evaluation_duration_unit="episodes",
-            evaluation_num_env_runners=runners,
-        )
-    return config
+def base_config(env, env_config, policies, mapping, out, **kwargs):
+    return new_stack_ppo_config(env, env_config, policies, mapping, out, **kwargs)
 
 
 def train(config, iterations):

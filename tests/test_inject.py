@@ -17,10 +17,8 @@ pytestmark = pytest.mark.rllib
 
 
 @pytest.fixture(scope="module", autouse=True)
-def ray_instance():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+def _ray(ray_instance):  # one Ray for the whole module (tests/conftest.py)
     yield
-    ray.shutdown()
 
 
 def run(out, *, inject=None, shared=False):

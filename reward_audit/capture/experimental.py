@@ -76,6 +76,7 @@ from ..recorder import RunnerRecorder
 from ..schema import IterationSemantics as S
 from ..schema import Kind, Phase
 from .base import Adapter, _qualname, install_tap
+from .newstack import NewStackAdapter
 
 logger = logging.getLogger("reward_audit")
 
@@ -97,15 +98,10 @@ class ExperimentalNewStackAdapter(Adapter):
 
     # ------------------------------------------------------------- runner side
 
-    def mapping_of(self, episode: Any) -> dict:
-        mapping = {aid: sa.module_id for aid, sa in episode.agent_episodes.items()}
-        # Agents mapped but without a single-agent episode yet (private; read, never forced).
-        for aid, mid in (getattr(episode, "_agent_to_module_mapping", None) or {}).items():
-            mapping.setdefault(aid, mid)
-        return mapping
-
-    def episode_id(self, episode: Any, recorder: RunnerRecorder) -> str:
-        return str(episode.id_)
+    # Same MultiAgentEpisode API as the 2.4x+ stack (``_agent_to_module_mapping``: 2.12
+    # multi_agent_episode.py:184; ``cut()`` keeps ``id_`` and module ids).
+    mapping_of = NewStackAdapter.mapping_of
+    episode_id = NewStackAdapter.episode_id
 
     def on_env(self, kwargs: dict) -> RunnerRecorder | None:
         runner = kwargs["env_runner"]
