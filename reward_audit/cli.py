@@ -7,7 +7,6 @@ Exit codes: 0 no failing verdict, 1 a failing verdict (LEAK / DROP / MISMATCH by
 from __future__ import annotations
 
 import functools
-import os
 import sys
 import tempfile
 from typing import Any, Callable

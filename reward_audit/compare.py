@@ -211,14 +211,13 @@ def _expected_rows(truth: pd.DataFrame, reported: pd.DataFrame) -> pd.DataFrame:
     parts.append(episode.assign(agent_id=None, module_id=None)[ep_keys + ["phase", "kind", "agent_id", "module_id"]].drop_duplicates())
     expected = pd.concat(parts, ignore_index=True)
     on = ep_keys + ["kind", "agent_id", "module_id"]
-    rep = reported.drop(columns=["phase"])
+    rep = reported.rename(columns={"phase": "reported_phase"})
     merged = expected.merge(rep, on=on, how="outer", indicator=True)
     merged["missing_report"] = merged["_merge"] == "left_only"
     merged["value"] = merged["value"].fillna(0.0)
-    # Phase for reported-only rows comes from the truth table (same runner).
-    phases = truth.drop_duplicates(ep_keys).set_index(ep_keys)["phase"]
-    merged["phase"] = merged["phase"].fillna(merged.set_index(ep_keys).index.map(phases).to_series(index=merged.index))
-    return merged.drop(columns=["_merge"])
+    # Reported-only rows (no expected key) take the phase of the runner that reported them.
+    merged["phase"] = merged["phase"].fillna(merged["reported_phase"])
+    return merged.drop(columns=["_merge", "reported_phase"])
 
 
 def _own_agents(kind: str, agent_id: Any, module_id: Any, mapping: dict[str, Any]) -> set[str]:

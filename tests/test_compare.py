@@ -118,6 +118,7 @@ def test_unreported_episodes_are_incomplete_and_ghost_reports_unverified(tmp_pat
     assert inc.counts == {"cut": 1, "finished": 1} and inc.episodes == 2
     [unv] = [f for f in audit.findings if f.verdict == Verdict.UNVERIFIED]
     assert "no raw rewards" in unv.message and "ghost" in unv.message
+    assert (unv.phase, unv.kind) == ("train", "agent")
 
 
 def test_phases_are_judged_separately(tmp_path):

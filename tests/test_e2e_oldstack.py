@@ -12,11 +12,9 @@ hook order replayed, the reported-value and clipping rules, and ``detect()``.
 
 from __future__ import annotations
 
-import glob
-import json
 import logging
 import os
-from collections import Counter, defaultdict
+from collections import defaultdict
 from types import SimpleNamespace
 
 import gymnasium as gym
@@ -29,6 +27,7 @@ ray = pytest.importorskip("ray", reason="end-to-end tests need ray[rllib]; `make
 from ray.rllib.algorithms.ppo import PPOConfig  # noqa: E402
 from ray.rllib.policy.policy import PolicySpec  # noqa: E402
 
+from helpers import assert_raw_matches_ledger, ledger  # noqa: E402  (tests/helpers.py)
 from reward_audit import RewardAuditCallback, Verdict, compare, load_run  # noqa: E402
 from reward_audit.capture import detect  # noqa: E402
 from reward_audit.capture.base import install_tap  # noqa: E402
@@ -83,29 +82,6 @@ def train(config, iterations):
         return [algo.train() for _ in range(iterations)]
     finally:
         algo.stop()
-
-
-def ledger(folder):
-    lines = []
-    for file in glob.glob(os.path.join(folder, "ledger-*.jsonl")):
-        with open(file) as f:
-            lines += [json.loads(line) for line in f]
-    return lines
-
-
-def assert_raw_matches_ledger(run, ledger_lines):
-    """Per finished episode and agent, the tap's sums equal the env's own count (as multisets:
-    the env cannot know RLlib's episode ids, but random rewards make every episode unique)."""
-    raw = run.raw[run.raw.groupby(["runner_id", "episode_id"])["episode_done"].transform("any")]
-    sums = raw.groupby(["runner_id", "episode_id", "agent_id"])[["reward", "pre_obs_reward"]].sum()
-    recorded = Counter()
-    for _, g in sums.groupby(level=[0, 1]):
-        recorded[tuple(sorted((a, round(r, 9), round(p, 9)) for (_, _, a), (r, p) in g.iterrows()))] += 1
-    expected = Counter(
-        tuple(sorted((a, round(r, 9), round(line["pre_obs"].get(a, 0.0), 9)) for a, r in line["sums"].items())) for line in ledger_lines
-    )
-    assert sum(expected.values()) > 0
-    assert recorded == expected
 
 
 def assert_old_stack_bookkeeping(run):

@@ -39,7 +39,7 @@ from types import SimpleNamespace
 import pytest
 
 from helpers import assert_raw_matches_ledger, cli_compare, cli_findings, experimental_stack_ppo_config, train
-from reward_audit import Verdict, compare, load_run
+from reward_audit import compare, load_run
 
 pytestmark = pytest.mark.ray212
 
@@ -106,12 +106,6 @@ def ledger_by_pid(folder: str) -> dict[int, list[dict]]:
         with open(file) as f:
             lines.setdefault(pid, []).extend(json.loads(line) for line in f)
     return lines
-
-
-def finished_episode_signatures(raw) -> Counter:
-    done = raw[raw.groupby(["runner_id", "episode_id"])["episode_done"].transform("any")]
-    sums = done.groupby(["runner_id", "episode_id", "agent_id"])["reward"].sum()
-    return Counter(tuple(sorted((a, round(r, 9)) for (_, _, a), r in g.items())) for _, g in sums.groupby(level=[0, 1]))
 
 
 # --------------------------------------------------------------------------- a. the seed
@@ -250,7 +244,6 @@ def test_auto_evaluation_tap_matches_the_env_ledger(auto_eval):
     driver = os.getpid()
     assert_raw_matches_ledger(SimpleNamespace(raw=run.raw[run.raw["phase"] == "train"]), by_pid[driver])
     [eval_pid] = set(by_pid) - {driver}
-    recorded = finished_episode_signatures(run.raw[run.raw["phase"] == "evaluation"])
-    expected = Counter(tuple(sorted((a, round(r, 9)) for a, r in line["sums"].items())) for line in by_pid[eval_pid])
-    assert sum(recorded.values()) >= 10
-    assert not recorded - expected, recorded - expected
+    evaluation = run.raw[run.raw["phase"] == "evaluation"]
+    assert evaluation[evaluation["episode_done"]]["episode_id"].nunique() >= 10
+    assert_raw_matches_ledger(SimpleNamespace(raw=evaluation), by_pid[eval_pid], subset=True)
