@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from .attribution import explain, feature_row, fit
-from .dashboard import audit_dashboard
+from .dashboard import audit_dashboard, dashboard_rows
 from .schema import Kind, Phase, Semantics
 from .store import Run, load_run
 
@@ -118,6 +118,7 @@ class Audit:
     findings: tuple[Finding, ...]
     episodes: pd.DataFrame
     dashboard: tuple = ()  # DashboardSeries: what train()/Tune/TensorBoard showed, rebuilt
+    notes: tuple[str, ...] = ()  # where the dashboard numbers came from, Tune cross-check
 
     def failures(self, fail_on: Iterable[Verdict | str] = FAILURES) -> list[Finding]:
         wanted = {Verdict(v.upper()) if isinstance(v, str) else v for v in fail_on}
@@ -151,6 +152,7 @@ class Audit:
             "ok": self.ok,
             "counts": self.counts(),
             "findings": [f.to_dict() for f in self.findings],
+            "notes": list(self.notes),
             "dashboard": [
                 {
                     "phase": d.phase,
@@ -316,8 +318,9 @@ def compare(run: Run | str, *, atol: float = 1e-6, rtol: float = 1e-5, max_evide
 
     findings.sort(key=lambda f: (f.phase != Phase.TRAIN.value, f.phase, KIND_ORDER.get(f.kind, 9), f.key, _SEVERITY.index(f.verdict)))
     table = table.reset_index(drop=True)
-    dashboard = tuple(audit_dashboard(run, table, atol=atol, rtol=rtol))
-    return Audit(run.path, run.name, run.manifest, tuple(findings), table, dashboard)
+    iterations, notes = dashboard_rows(run)
+    dashboard = tuple(audit_dashboard(run, table, atol=atol, rtol=rtol, iterations=iterations))
+    return Audit(run.path, run.name, run.manifest, tuple(findings), table, dashboard, tuple(notes))
 
 
 def _finding(phase: str, kind: str, key: str, rows: pd.DataFrame, max_evidence: int) -> Finding:

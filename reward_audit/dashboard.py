@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from .results import manifest_paths, read_tune_results, same_number, tune_result_file
 from .schema import IterationSemantics, Kind
 
 _REDUCERS = {
@@ -116,11 +117,40 @@ def _select(episodes: pd.DataFrame, kind: str, key: str | None) -> pd.DataFrame:
     return e
 
 
-def audit_dashboard(run, episodes: pd.DataFrame, *, atol: float = 1e-6, rtol: float = 1e-5) -> list[DashboardSeries]:
+def dashboard_rows(run) -> tuple[pd.DataFrame, list[str]]:
+    """The dashboard numbers to audit, and notes on where they came from.
+
+    The callback records every ``train()`` result; when the trial dir also holds Tune's
+    ``result.json`` (what Tune and TensorBoard were fed), its numbers are cross-checked
+    against ours, and used instead when the run recorded none.
+    """
+    iterations, notes = run.iterations, []
+    file = tune_result_file(run.path) if "://" not in run.path else None
+    if file is None:
+        return iterations, notes
+    tune = pd.DataFrame(read_tune_results(file, manifest_paths(run.manifest)))
+    if tune.empty:
+        return iterations, notes
+    if iterations.empty:
+        notes.append(f"dashboard numbers read from Tune's {file} (the run recorded none)")
+        return tune, notes
+    keys = ["phase", "iteration", "path"]
+    both = iterations.merge(tune, on=keys, suffixes=("", "_tune"))
+    differ = [r for r in both.itertuples(index=False) if not same_number(r.value, r.value_tune)]
+    text = f"Tune's {file}: {len(both)} numbers cross-checked with the recorded train() results, {len(differ)} differ"
+    if differ:
+        r = differ[0]
+        text += f" (e.g. iteration {r.iteration} {r.path}: recorded {r.value:.6g}, result.json {r.value_tune:.6g})"
+    notes.append(text)
+    return iterations, notes
+
+
+def audit_dashboard(run, episodes: pd.DataFrame, *, atol: float = 1e-6, rtol: float = 1e-5, iterations: pd.DataFrame | None = None) -> list[DashboardSeries]:
     """Rebuild each recorded dashboard series; ``episodes`` is ``compare(run).episodes``."""
     manifest = run.manifest
     model = manifest.get("smoothing_model")
-    if model not in ("per_call_window", "driver_history") or run.iterations.empty or episodes.empty:
+    iterations = run.iterations if iterations is None else iterations
+    if model not in ("per_call_window", "driver_history") or iterations.empty or episodes.empty:
         return []
     S = int(manifest.get("metrics_num_episodes_for_smoothing") or 100)
     order = run.reported.reset_index().rename(columns={"index": "order"})
@@ -128,7 +158,7 @@ def audit_dashboard(run, episodes: pd.DataFrame, *, atol: float = 1e-6, rtol: fl
     eps = episodes[~episodes["missing_report"]].drop(columns=["metrics_call", "iteration"], errors="ignore").merge(meta, on=["runner_id", "episode_id", "kind", "agent_id", "module_id"])
     eps = eps.sort_values("order")
     series = []
-    for (phase, path, kind, key, semantics), rows in run.iterations.groupby(["phase", "path", "kind", "key", "semantics"], dropna=False, sort=False):
+    for (phase, path, kind, key, semantics), rows in iterations.groupby(["phase", "path", "kind", "key", "semantics"], dropna=False, sort=False):
         reducer = _REDUCERS.get(semantics)
         if reducer is None:
             continue

@@ -71,6 +71,7 @@ def render_text(audit: Audit, *, verbose: bool = False, fail_on: Iterable[Verdic
             lines.append(f"  (+{len(off) - len(shown)} more series off: min/max and duplicate copies; `--verbose` lists them)")
     elif audit.dashboard:
         lines.append(f"dashboards: all {len(audit.dashboard)} recorded series match the truth")
+    lines += [f"note: {n}" for n in audit.notes]
     if notable and not verbose and any(f.evidence for f in notable):
         lines.append("(`--verbose` shows the episodes that prove each finding)")
     counts = audit.counts()

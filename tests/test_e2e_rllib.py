@@ -6,6 +6,7 @@ fidelity against the env's own ledger, episode by episode.
 from __future__ import annotations
 
 import logging
+import re
 import os
 
 import pytest
@@ -173,6 +174,10 @@ def test_default_location_under_tune_is_the_trial_dir(tmp_path):
     run = load_run(trial_dir)
     assert run.manifest["output_source"] == "trial dir"
     assert run.iterations["iteration"].max() == 2
+    # What Tune wrote to result.json is exactly what the callback recorded.
+    [note] = compare(run).notes
+    checked = int(re.search(r"(\d+) numbers cross-checked", note).group(1))
+    assert "result.json" in note and checked >= 10 and note.endswith(", 0 differ")
     # The experiment dir works too (one section per trial).
     from click.testing import CliRunner
 

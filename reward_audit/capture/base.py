@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from .. import __version__
 from ..recorder import RunnerRecorder
+from ..results import match
 from ..schema import AUDIT_DIR_NAME, MANIFEST_NAME, SCHEMA_VERSION, TOOL_NAME, Kind, Phase
 
 logger = logging.getLogger("reward_audit")
@@ -74,17 +75,6 @@ def drain_runner(runner: Any) -> dict | None:
     """Run on every env runner (``foreach_env_runner``): hand over and forget its rows."""
     recorder = getattr(runner, RECORDER_ATTR, None)
     return None if recorder is None else recorder.drain()
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        path = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, path + "/"))
-        else:
-            out[path] = v
-    return out
 
 
 def _qualname(fn: Any) -> str | None:
@@ -190,35 +180,14 @@ class Adapter:
             "metrics_num_episodes_for_smoothing": getattr(config, "metrics_num_episodes_for_smoothing", None),
             "evaluation_interval": getattr(config, "evaluation_interval", None),
             "iteration_semantics": {p: s for p, _, s in self.iteration_paths},
+            "iteration_paths": [[p, k.value, s] for p, k, s in self.iteration_paths],
             "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             **self.config_summary(config),
         }
 
     def iteration_rows(self, result: dict, iteration: int) -> list[dict]:
         """The dashboard numbers of one ``train()`` result (what Tune / TensorBoard show)."""
-        rows = []
-        flat = _flatten(result)
-        for path, value in flat.items():
-            phase = Phase.TRAIN
-            inner = path
-            if path.startswith("evaluation/"):
-                phase, inner = Phase.EVALUATION, path[len("evaluation/"):]
-            for pattern, kind, semantics in self.iteration_paths:
-                if pattern.endswith("/"):
-                    if not inner.startswith(pattern) or "/" in inner[len(pattern):]:
-                        continue
-                    key = inner[len(pattern):]
-                elif inner == pattern:
-                    key = None
-                else:
-                    continue
-                try:
-                    number = float(value)
-                except (TypeError, ValueError):
-                    continue
-                rows.append({"phase": phase.value, "iteration": iteration, "path": path, "kind": kind.value, "key": key, "value": number, "semantics": semantics})
-                break
-        return rows
+        return match(result, iteration, self.iteration_paths)
 
 
 __all__ = ["Adapter", "install_tap", "drain_runner", "ENV_VAR", "MANIFEST_NAME", "RECORDER_ATTR"]
