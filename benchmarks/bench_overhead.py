@@ -43,6 +43,29 @@ def one_round(algo, steps: int, audited: bool) -> float:
     return steps / (time.perf_counter() - start)
 
 
+def bare_tap_cost(steps: int = 20000) -> tuple[float, float]:
+    """Worst case: the bare env stepped in a loop, with and without the tap (no RLlib)."""
+    from reward_audit.capture.base import install_tap
+    from reward_audit.envs import ScaledRewardsEnv
+    from reward_audit.recorder import RunnerRecorder
+
+    def run(tapped: bool) -> float:
+        env = ScaledRewardsEnv({"episode_len": 100})
+        if tapped:
+            install_tap(env, RunnerRecorder(Phase.TRAIN, 0, mapping_of=lambda e: {}), 0)
+        env.reset()
+        actions = {0: 0, 1: 0}
+        start = time.perf_counter()
+        for i in range(steps):
+            if env.step(actions)[2]["__all__"]:
+                env.reset()
+        return (time.perf_counter() - start) / steps
+
+    plain = statistics.median(run(False) for _ in range(3))
+    tapped = statistics.median(run(True) for _ in range(3))
+    return plain, tapped
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=8)
@@ -61,6 +84,8 @@ def main() -> None:
     print(f"env steps/s with callback:    {a:9.0f}  (median of {args.rounds} rounds of {args.steps} steps)")
     print(f"env steps/s without callback: {b:9.0f}")
     print(f"throughput ratio with/without: {a / b:.3f}  (overhead {100 * (1 - a / b):+.1f}%)")
+    plain, tapped = bare_tap_cost()
+    print(f"bare env step: {plain * 1e6:.1f} us plain, {tapped * 1e6:.1f} us tapped (+{(tapped - plain) * 1e6:.1f} us per step, no RLlib)")
     audited.stop()
     plain.stop()
     ray.shutdown()
