@@ -7,6 +7,7 @@ Exit codes: 0 no failing verdict, 1 a failing verdict (LEAK / DROP / MISMATCH by
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import tempfile
 from typing import Any, Callable
@@ -52,6 +53,17 @@ def _one_line_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except RewardAuditError as e:
             click.echo(f"Error: {e}", err=True)
+            sys.exit(EXIT_BAD_INPUT)
+        except Exception as e:  # never a traceback for the user; keep it one line
+            if os.environ.get("REWARD_AUDIT_DEBUG"):
+                raise
+            where = kwargs.get("path") or kwargs.get("out") or "the run"
+            first = str(e).splitlines()[0] if str(e) else ""
+            click.echo(
+                f"Error: {where}: could not audit ({type(e).__name__}: {first}); "
+                "rerun with `REWARD_AUDIT_DEBUG=1` for the traceback and report it",
+                err=True,
+            )
             sys.exit(EXIT_BAD_INPUT)
 
     return wrapper

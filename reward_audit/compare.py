@@ -308,13 +308,17 @@ def compare(run: Run | str, *, atol: float = 1e-6, rtol: float = 1e-5, max_evide
         findings.append(_unverified(str(phase), kind, "*", rows["episode_id"].nunique(), f"{rows['episode_id'].nunique()} reported episodes have no raw rewards (the tap never saw them), e.g. {rows['episode_id'].iloc[0]}"))
 
     findings += _excluded(truth, table)
-    findings += _incomplete(truth, table, max_evidence)
+    reported_phases = set(reported["phase"])
+    findings += _incomplete(truth[truth["phase"].isin(reported_phases)], table, max_evidence)
     failures = run.manifest.get("capture_failures") or 0
     if failures:
         findings.append(_unverified("run", "run", "capture", 0, f"{failures} capture failures were logged while recording (see the training log, logger `reward_audit`); values they touched may be missing"))
-    if reported.empty and not truth.empty:
-        for phase in sorted(set(truth["phase"])):
-            findings.append(_unverified(phase, "run", "reported", 0, "no per-episode values from RLlib were captured in this phase; nothing to compare the raw rewards with"))
+    for phase in sorted(set(truth["phase"]) - reported_phases):
+        episodes = truth.loc[truth["phase"] == phase, "episode_id"].nunique()
+        why = "no per-episode values from RLlib were captured in this phase; nothing to compare the raw rewards with"
+        if run.manifest.get("clip_rewards") not in (None, False):
+            why = f"RLlib clips rewards (clip_rewards={run.manifest['clip_rewards']!r}), so its returns are sums of clipped rewards, which chunk sums cannot rebuild; not compared"
+        findings.append(_unverified(phase, "run", "reported", episodes, why))
 
     findings.sort(key=lambda f: (f.phase != Phase.TRAIN.value, f.phase, KIND_ORDER.get(f.kind, 9), f.key, _SEVERITY.index(f.verdict)))
     table = table.reset_index(drop=True)
@@ -369,7 +373,7 @@ def _unverified(phase: str, kind: str, key: str, episodes: int, why: str) -> Fin
 def _excluded(truth: pd.DataFrame, table: pd.DataFrame) -> list[Finding]:
     """Rewards paid before / with an agent's first observation, in reported episodes."""
     reported_eps = set(zip(table["runner_id"], table["episode_id"])) if len(table) else set()
-    t = truth[[k in reported_eps for k in zip(truth["runner_id"], truth["episode_id"])]]
+    t = truth.loc[np.array([k in reported_eps for k in zip(truth["runner_id"], truth["episode_id"])], dtype=bool)]
     t = t[t["n_pre_obs"] > 0]
     out = []
     for (phase, agent), rows in t.groupby(["phase", "agent_id"]):
@@ -388,7 +392,7 @@ def _excluded(truth: pd.DataFrame, table: pd.DataFrame) -> list[Finding]:
 def _incomplete(truth: pd.DataFrame, table: pd.DataFrame, max_evidence: int) -> list[Finding]:
     reported_eps = set(zip(table["runner_id"], table["episode_id"])) if len(table) else set()
     eps = truth.drop_duplicates(["runner_id", "episode_id"])
-    eps = eps[[k not in reported_eps for k in zip(eps["runner_id"], eps["episode_id"])]]
+    eps = eps.loc[np.array([k not in reported_eps for k in zip(eps["runner_id"], eps["episode_id"])], dtype=bool)]
     out = []
     for phase, rows in eps.groupby("phase"):
         cut, finished = rows[~rows["episode_done"]], rows[rows["episode_done"]]

@@ -170,3 +170,15 @@ def test_missing_or_empty_input_exits_2(tmp_path, make, expected):
     assert result.exit_code == 2
     assert expected in result.output and path in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_unexpected_error_is_one_line_not_a_traceback(tmp_path, monkeypatch):
+    path = clean_run(tmp_path / "r")
+
+    def broken(*args, **kwargs):
+        raise KeyError("boom")
+
+    monkeypatch.setattr("reward_audit.cli.compare", broken)
+    result = invoke("compare", path)
+    assert result.exit_code == 2
+    assert result.output.strip() == f"Error: {path}: could not audit (KeyError: 'boom'); rerun with `REWARD_AUDIT_DEBUG=1` for the traceback and report it"

@@ -153,3 +153,12 @@ def test_episode_key_is_runner_scoped(tmp_path):
     audit = compare(run.write(str(tmp_path)))
     assert audit.ok
     assert finding(audit, "train", "agent", "0").episodes == 2
+
+
+def test_phase_without_any_report_is_unverified_not_incomplete(tmp_path):
+    run = SynthRun()
+    run.episode("e", [{0: 1.0}], {0: "p0"})
+    audit = compare(run.write(str(tmp_path), clip_rewards=True))
+    [f] = audit.findings
+    assert (f.verdict, f.phase, f.key, f.episodes) == (Verdict.UNVERIFIED, "train", "reported", 1)
+    assert "clip_rewards=True" in f.message
