@@ -182,3 +182,37 @@ def test_ray212_fixture_tap_matches_the_env_ledger():
         lines = [json.loads(line) for line in f]
     assert len(lines) == 21  # 17 training + 4 evaluation episodes finished
     assert_raw_matches_ledger(load_run(RAY212_LEAK), lines)
+
+
+# ----------------------------------------------------------------- attribution and dashboards
+
+
+def test_attribution_rederives_both_bugs_from_the_recorded_runs():
+    """From data alone: 2.12 = own rewards + the other agent's earlier chunks; 2.53 = every
+    agent's earlier chunks + only the last agent's final chunk."""
+    a212 = compare(os.path.join(RUNS, "ray212_newstack_leak"))
+    p1 = next(f for f in a212.findings if (f.phase, f.kind, f.key) == ("train", "policy", "p1"))
+    assert p1.attribution.startswith(
+        "reported(policy p1) ≈ 1.00 × agent 0 earlier chunks (own) + 1.00 × agent 0 final chunks (own) + 1.00 × agent 1 earlier chunks (other) (R² 1.0000"
+    )
+    a253 = compare(os.path.join(RUNS, "ray253_shared_module_drop"))
+    shared = next(f for f in a253.findings if (f.phase, f.kind, f.key) == ("train", "module", "shared"))
+    assert shared.attribution.startswith(
+        "reported(module shared) ≈ 1.00 × agent 0 earlier chunks (own) + 1.00 × agent 1 earlier chunks (own) + 1.00 × agent 2 earlier chunks (own) + 1.00 × agent 2 final chunks (own) (R² 1.0000"
+    )
+
+
+def test_dashboards_of_the_recorded_runs_are_rebuilt_exactly_and_shown_wrong():
+    """Our window models reproduce every number RLlib displayed from RLlib's own per-episode
+    values, and from the truth show how far off the dashboards were."""
+    for name, path, wrong in (
+        ("ray212_newstack_leak", "policy_reward_mean/p1", True),
+        ("ray253_shared_module_drop", "env_runners/module_episode_returns_mean/shared", True),
+        ("ray253_shared_module_drop", "env_runners/agent_episode_returns_mean/0", False),
+    ):
+        audit = compare(os.path.join(RUNS, name))
+        assert audit.dashboard and all(not d.unreconstructable for d in audit.dashboard), name
+        [d] = [d for d in audit.dashboard if d.phase == "train" and d.path == path]
+        assert bool(d.wrong_iterations) is wrong, (name, path, d.table.to_string())
+        if wrong:
+            assert d.first_wrong == 1
