@@ -192,7 +192,8 @@ def map_four_policies_by_episode(agent_id: Any, episode: Any = None, **kwargs: A
     import zlib
 
     seat = 0 if str(agent_id) == "0" else 1
-    episode_id = getattr(episode, "id_", None) if episode is not None else None
+    # New stack: ``episode.id_``; old stack: ``episode.episode_id``.
+    episode_id = getattr(episode, "id_", None) or getattr(episode, "episode_id", None) if episode is not None else None
     if episode_id is None:
         return ("p1", "p2")[seat]
     bucket = zlib.crc32(str(episode_id).encode()) % 10

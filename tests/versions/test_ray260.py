@@ -84,3 +84,29 @@ def test_shared_module_is_clean_on_the_old_stack(tmp_path):
     assert run.manifest["api_stack"] == "old"
     assert any(f["verdict"] == "CLEAN" and f["phase"] == "train" and f["key"] == "shared" for f in findings.values())
     assert_raw_matches_ledger(run, lines)
+
+
+@pytest.mark.parametrize("stack", ["new", "old"])
+def test_the_212_seed_scenario_is_clean(tmp_path, stack):
+    """Ray 2.12's seed (two agents acting every step, four policies seated per episode, two
+    of them frozen, episodes longer than the fragment, evaluation): CLEAN on 2.60."""
+    from helpers import new_stack_ppo_config
+    from reward_audit.envs import map_four_policies_by_episode
+
+    build = new_stack_ppo_config if stack == "new" else old_stack_ppo_config
+
+    def seed_config(*args, **kwargs):
+        return build(*args, **kwargs).multi_agent(policies_to_train=["p1", "p2"])
+
+    policies = ["p1", "p2", "p3", "p4"]
+    out, lines = record_scaled_rewards(tmp_path, policies, map_four_policies_by_episode, agents=[0, 1], build=seed_config)
+    code, findings = cli_findings(out)
+    assert code == 0, findings
+    kind = "module" if stack == "new" else "policy"
+    assert_all_clean(findings, [("train", kind, "p1"), ("train", kind, "p2")])
+    run = load_run(out)
+    train = run.raw[run.raw["phase"] == "train"]
+    finished = train[train.groupby("episode_id")["episode_done"].transform("any")]
+    assert (finished.groupby("episode_id")["chunk_seq"].nunique() > 1).all()  # the leak's condition
+    assert {"p3", "p4"} & set(train["module_id"])  # frozen snapshots did take a seat
+    assert_raw_matches_ledger(run, lines)
