@@ -26,7 +26,7 @@ from typing import Any, Callable
 from ray.rllib.algorithms.callbacks import DefaultCallbacks
 
 from .capture import detect
-from .capture.base import RECORDER_ATTR, Adapter
+from .capture.base import RECORDER_ATTR, Adapter, drain_runner
 from .collector import Collector
 from .errors import UnsupportedRayError
 from .schema import Phase
@@ -122,6 +122,12 @@ class RewardAuditCallback(DefaultCallbacks):
         if self._collector is None:  # e.g. restored from a checkpoint without on_algorithm_init
             self.on_algorithm_init(algorithm=algorithm)
         if self._collector is None:
+            # Nowhere to write (logged above): drain anyway so runners never grow without bound.
+            if self._adapter is not None:
+                dropped = sum(
+                    len(r["raw_rewards"]) for group, _ in self._adapter.runner_groups(algorithm) for r in self._adapter.foreach_runner(group, drain_runner) if r
+                )
+                logger.error("reward_audit: no output folder; dropped %d raw reward rows of iteration %s", dropped, result.get("training_iteration"))
             return
         iteration = int(result.get("training_iteration", algorithm.iteration))
         self._collector.collect(algorithm, iteration, (Phase.TRAIN, Phase.EVALUATION))

@@ -230,3 +230,16 @@ def test_per_episode_mapping_is_recorded_per_episode(tmp_path):
     main = next(f for f in audit.findings if (f.phase, f.kind, f.key) == ("train", "module", "main"))
     # main's truth mixes 30 (agent 0) and 300 (agent 1) episodes.
     assert 30 < main.truth < 300
+
+
+def test_unwritable_output_is_logged_and_training_continues(tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    env_config = {"agents": [0, 1], "episode_len": 30}
+    config = base_config(ScaledRewardsEnv, env_config, ["p_0", "p_1"], map_by_id, str(blocker / "sub"))
+    with caplog.at_level(logging.ERROR, logger="reward_audit"):
+        results = train(config, 2)
+    assert results[-1]["training_iteration"] == 2
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("on_algorithm_init failed" in m for m in messages)
+    assert any("no output folder; dropped" in m and "rows of iteration 2" in m for m in messages)
