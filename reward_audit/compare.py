@@ -259,7 +259,7 @@ def compare(run: Run | str, *, atol: float = 1e-6, rtol: float = 1e-5, max_evide
     counted = truth.set_index(["runner_id", "episode_id", "agent_id"])["counted"]
 
     table = _expected_rows(truth, reported) if not reported.empty else pd.DataFrame(columns=["runner_id", "episode_id", "phase", "kind", "agent_id", "module_id", "value", "missing_report"])
-    has_raw = table.apply(lambda r: (r["runner_id"], r["episode_id"]) in mapping, axis=1) if len(table) else pd.Series([], dtype=bool)
+    has_raw = pd.Series([k in mapping for k in zip(table["runner_id"], table["episode_id"])], index=table.index, dtype=bool)
     orphans = table[~has_raw]
     table = table[has_raw].copy()
 

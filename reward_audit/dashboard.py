@@ -80,7 +80,9 @@ class DashboardSeries:
         return text.replace(f"{self.path}{key}", self.path)
 
 
-def _window_values(rows: pd.DataFrame, model: str, iteration: int, window: int, evaluation: bool, column: str, discard_last_call: bool = False) -> np.ndarray | list[np.ndarray]:
+def _window(rows: pd.DataFrame, model: str, iteration: int, window: int, evaluation: bool, discard_last_call: bool = False) -> pd.DataFrame | list[pd.DataFrame]:
+    """The per-episode rows one iteration's displayed value covers: one frame per
+    (runner, get_metrics call) for ``per_call_window``, else one frame."""
     if model == "per_call_window":
         now = rows[rows["iteration"] == iteration]
         if discard_last_call:
@@ -88,23 +90,24 @@ def _window_values(rows: pd.DataFrame, model: str, iteration: int, window: int, 
             # evaluation round (manifest `evaluation_discards_last_call`, see capture/newstack.py).
             last = now.groupby("runner_id")["metrics_call"].transform("max")
             now = now[now["metrics_call"] != last]
-        return [g[column].to_numpy()[-window:] for _, g in now.groupby(["runner_id", "metrics_call"], sort=False)]
+        return [g.tail(window) for _, g in now.groupby(["runner_id", "metrics_call"], sort=False)]
     if evaluation:
-        return rows.loc[rows["iteration"] == iteration, column].to_numpy()
+        return rows[rows["iteration"] == iteration]
     upto = rows[rows["iteration"] <= iteration]
     episodes = upto.drop_duplicates(["runner_id", "episode_id"])
     n_new = int((episodes["iteration"] == iteration).sum())
     keep = episodes.tail(max(window, n_new))[["runner_id", "episode_id"]]
-    return upto.merge(keep, on=["runner_id", "episode_id"])[column].to_numpy()
+    return upto.merge(keep, on=["runner_id", "episode_id"])
 
 
-def _reduce(values: np.ndarray | list[np.ndarray], model: str, reducer) -> float:
+def _reduce(window: pd.DataFrame | list[pd.DataFrame], column: str, model: str, reducer) -> float:
     if model == "per_call_window":
         # Each (runner, call) reduces its window; the driver merges means by nan-mean and
         # min/max by min/max.
-        per_call = [float(reducer(v)) for v in values if len(v)]
+        per_call = [float(reducer(g[column].to_numpy())) for g in window if len(g)]
         merge = reducer if reducer in (np.min, np.max) else np.mean
         return float(merge(per_call)) if per_call else math.nan
+    values = window[column].to_numpy()
     return float(reducer(values)) if len(values) else math.nan
 
 
@@ -167,6 +170,7 @@ def audit_dashboard(run, episodes: pd.DataFrame, *, atol: float = 1e-6, rtol: fl
         evaluation = phase == "evaluation"
         runners = manifest.get("evaluation_num_env_runners") if evaluation else manifest.get("num_env_runners")
         window = S if model == "driver_history" else max(1, math.ceil(S / max(int(runners or 0), 1)))
+        discard = evaluation and bool(manifest.get("evaluation_discards_last_call"))
         out: list[dict] = []
         for r in rows.sort_values("iteration").itertuples(index=False):
             it = int(r.iteration)
@@ -175,9 +179,9 @@ def audit_dashboard(run, episodes: pd.DataFrame, *, atol: float = 1e-6, rtol: fl
                 # No evaluation in this iteration: RLlib keeps showing the last evaluation's values.
                 rebuilt, expected, low, high = out[-1]["rebuilt"], out[-1]["expected"], out[-1]["low"], out[-1]["high"]
             else:
-                discard = evaluation and bool(manifest.get("evaluation_discards_last_call"))
-                rebuilt = _reduce(_window_values(selected, model, it, window, evaluation, "reported", discard), model, reducer)
-                expected = _reduce(_window_values(selected, model, it, window, evaluation, "truth", discard), model, reducer)
+                covered = _window(selected, model, it, window, evaluation, discard)
+                rebuilt = _reduce(covered, "reported", model, reducer)
+                expected = _reduce(covered, "truth", model, reducer)
                 low, high = (float(now.min()), float(now.max())) if len(now) else (math.nan, math.nan)
             displayed = float(r.value)
             both_nan = math.isnan(displayed) and math.isnan(rebuilt)

@@ -133,15 +133,18 @@ class Adapter:
     # ------------------------------------------------------------- driver side
 
     def runner_groups(self, algorithm: Any) -> list[tuple[Any, Phase]]:
-        groups = []
-        if getattr(algorithm, "env_runner_group", None) is not None:
-            groups.append((algorithm.env_runner_group, Phase.TRAIN))
-        if getattr(algorithm, "eval_env_runner_group", None) is not None:
-            groups.append((algorithm.eval_env_runner_group, Phase.EVALUATION))
-        return groups
+        """(train, evaluation) runner groups: ``env_runner_group`` / ``eval_env_runner_group``
+        (2.4x+) or ``workers`` / ``evaluation_workers`` (2.1x). Looked up in the instance's
+        own attributes: on 2.4x+ ``workers`` is a deprecated property that raises or warns."""
+        own = vars(algorithm)
+        names = ("env_runner_group", "eval_env_runner_group") if "env_runner_group" in own else ("workers", "evaluation_workers")
+        return [(own[name], phase) for name, phase in zip(names, (Phase.TRAIN, Phase.EVALUATION)) if own.get(name) is not None]
 
     def foreach_runner(self, group: Any, fn: Callable[[Any], Any]) -> list:
-        return group.foreach_env_runner(fn, local_env_runner=True)
+        if hasattr(group, "foreach_env_runner"):  # EnvRunnerGroup (2.4x+)
+            return group.foreach_env_runner(fn, local_env_runner=True)
+        # WorkerSet (2.1x): healthy_only defaults to False there; a dead worker would raise.
+        return group.foreach_worker(fn, local_worker=True, healthy_only=True)
 
     def default_output(self, algorithm: Any) -> tuple[str, Any]:
         """Tune's trial dir (not ``algorithm.logdir``, a scratch dir under Tune), else the log dir."""

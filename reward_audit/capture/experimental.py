@@ -70,31 +70,21 @@ Change log — what the numbers mean (line numbers: Ray 2.12.0,
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Any
 
 from ..recorder import RunnerRecorder
-from ..schema import IterationSemantics as S
-from ..schema import Kind, Phase
 from .base import Adapter, _qualname, install_tap
 from .newstack import NewStackAdapter
+from .oldstack import PATHS_2_1X
 
 logger = logging.getLogger("reward_audit")
-
-_RESULT_PATHS = (
-    ("policy_reward_mean/", Kind.POLICY, S.MEAN_OF_AGENT_EPISODES.value),
-    ("policy_reward_min/", Kind.POLICY, S.MIN_OF_AGENT_EPISODES.value),
-    ("policy_reward_max/", Kind.POLICY, S.MAX_OF_AGENT_EPISODES.value),
-    ("episode_reward_mean", Kind.EPISODE, S.MEAN_OF_EPISODE_SUMS.value),
-    ("episode_reward_min", Kind.EPISODE, S.MIN_OF_EPISODE_SUMS.value),
-    ("episode_reward_max", Kind.EPISODE, S.MAX_OF_EPISODE_SUMS.value),
-)
-
 
 class ExperimentalNewStackAdapter(Adapter):
     name = "experimental-new-stack-2.1x"
     api_stack = "new"
-    # Top level and the `sampler_results/` copies (same numbers, both shown by Tune).
-    iteration_paths = _RESULT_PATHS + tuple((f"sampler_results/{p}", k, s) for p, k, s in _RESULT_PATHS)
+    # The driver's ``summarize_episodes`` is the old stack's: same keys, top level and the
+    # ``sampler_results/`` copies (same numbers, both shown by Tune).
+    iteration_paths = PATHS_2_1X
 
     # ------------------------------------------------------------- runner side
 
@@ -155,18 +145,6 @@ class ExperimentalNewStackAdapter(Adapter):
         runner.__dict__["_reward_audit_metrics_wrapped"] = True
 
     # ------------------------------------------------------------- driver side
-
-    def runner_groups(self, algorithm: Any) -> list[tuple[Any, Phase]]:
-        groups = []
-        if getattr(algorithm, "workers", None) is not None:
-            groups.append((algorithm.workers, Phase.TRAIN))
-        if getattr(algorithm, "evaluation_workers", None) is not None:
-            groups.append((algorithm.evaluation_workers, Phase.EVALUATION))
-        return groups
-
-    def foreach_runner(self, group: Any, fn: Callable[[Any], Any]) -> list:
-        # 2.12 defaults to healthy_only=False, which would call into dead actors.
-        return group.foreach_worker(fn, local_worker=True, healthy_only=True)
 
     def config_summary(self, config: Any) -> dict[str, Any]:
         return {

@@ -81,11 +81,11 @@ source; the logic is identical in 2.12, 2.53 and 2.60):
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Any
 
 from ..recorder import RunnerRecorder
 from ..schema import IterationSemantics as S
-from ..schema import Kind, Phase
+from ..schema import Kind
 from .base import Adapter, install_tap
 
 logger = logging.getLogger("reward_audit")
@@ -203,26 +203,6 @@ class OldStackAdapter(Adapter):
         recorder.sample_ends(hold_pending=True)
 
     # ------------------------------------------------------------- driver side
-
-    def runner_groups(self, algorithm: Any) -> list[tuple[Any, Phase]]:
-        # Pick the pair by what the algorithm holds: on 2.4x+ ``workers`` and
-        # ``evaluation_workers`` are deprecated properties that raise or warn.
-        if "env_runner_group" in vars(algorithm):
-            names = ("env_runner_group", "eval_env_runner_group")
-        else:
-            names = ("workers", "evaluation_workers")
-        groups = []
-        for name, phase in zip(names, (Phase.TRAIN, Phase.EVALUATION)):
-            group = vars(algorithm).get(name)
-            if group is not None:
-                groups.append((group, phase))
-        return groups
-
-    def foreach_runner(self, group: Any, fn: Callable[[Any], Any]) -> list:
-        if hasattr(group, "foreach_env_runner"):  # EnvRunnerGroup (2.4x+)
-            return group.foreach_env_runner(fn, local_env_runner=True)
-        # WorkerSet (2.1x): healthy_only defaults to False there; a dead worker would raise.
-        return group.foreach_worker(fn, local_worker=True, healthy_only=True)
 
     def config_summary(self, config: Any) -> dict[str, Any]:
         def first(*names: str) -> Any:
