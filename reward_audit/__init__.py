@@ -14,7 +14,8 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-from .compare import Audit, Finding, Verdict, compare  # noqa: E402
+from .audit import Audit, Finding, Verdict  # noqa: E402
+from .compare import compare  # noqa: E402
 from .errors import RewardAuditError  # noqa: E402
 from .store import Run, load_run, load_runs  # noqa: E402
 from .testing import RewardLeakageError, assert_no_leakage  # noqa: E402

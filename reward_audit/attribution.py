@@ -10,7 +10,7 @@ For one episode each agent b has two features: its counted rewards in the episod
 that matches within tolerance. Terms from other agents make it a LEAK; missing terms of
 the row's own agents make it a DROP; no combination makes it a MISMATCH. The two shipped
 bugs fall out as patterns: Ray 2.12 = +others' earlier chunks, Ray 2.53 = −final chunks of
-all but one of the module's agents (RLLIB_NOTES §5).
+all but one of the module's agents (docs/ray_versions.md).
 """
 
 from __future__ import annotations
@@ -92,12 +92,15 @@ class Attribution:
     max_residual: float
     episodes: int
     unseparable: tuple[tuple[str, ...], ...] = ()  # feature groups the data cannot tell apart
+    scale: float = 0.0  # largest |reported| fitted
 
     def formula(self, name: str = "reported") -> str:
         if not self.terms:
             return f"{name} ≈ 0"
         body = " + ".join(f"{c:.2f} × {f}" for f, c in self.terms).replace("+ -", "− ")
-        text = f"{name} ≈ {body} (R² {self.r2:.4f}, max residual {self.max_residual:.3g}, {self.episodes} episodes)"
+        # A residual at float-rounding level is noise (it changes with summation order): say so.
+        residual = "≈ 0 (float rounding)" if self.max_residual <= 1e-9 * max(self.scale, 1.0) else f"{self.max_residual:.3g}"
+        text = f"{name} ≈ {body} (R² {self.r2:.4f}, max residual {residual}, {self.episodes} episodes)"
         if self.unseparable:
             groups = "; ".join(" / ".join(g) for g in self.unseparable)
             text += f"; the data cannot separate: {groups} (collinear in these episodes — coefficients among them are not unique)"
@@ -136,4 +139,4 @@ def fit(reported: np.ndarray, rows: list[dict[str, float]], tol: float = 1e-9) -
         if len(group) > 1 and group not in groups:
             groups.append(group)
     terms = tuple((c, float(b)) for c, b in zip(X.columns, beta) if abs(b) >= 0.01)
-    return Attribution(terms, r2, float(np.abs(residual).max()), len(y), tuple(groups))
+    return Attribution(terms, r2, float(np.abs(residual).max()), len(y), tuple(groups), float(np.abs(y).max()))

@@ -14,7 +14,8 @@ from typing import Any, Callable
 
 import click
 
-from .compare import FAILURES, Verdict, compare
+from .audit import FAILURES, Verdict
+from .compare import compare
 from .errors import RewardAuditError
 from .report import render_json, render_text
 from .store import load_runs

@@ -3,7 +3,7 @@
 twice — once from RLlib's own per-episode values (to prove our window model reproduces
 RLlib exactly) and once from the truth (what the dashboard should have shown).
 
-Window models (RLLIB_NOTES §6), chosen by the manifest's ``smoothing_model``:
+Window models (docs/ray_versions.md), chosen by the manifest's ``smoothing_model``:
 
 * ``per_call_window`` (Ray 2.4x – 2.60 new stack): each runner keeps the last
   ``ceil(S / max(num_env_runners, 1))`` values per key and every ``get_metrics()`` call
@@ -30,12 +30,12 @@ from .results import manifest_paths, read_tune_results, same_number, tune_result
 from .schema import IterationSemantics, Kind
 
 _REDUCERS = {
-    IterationSemantics.MEAN_OF_EPISODE_SUMS.value: np.mean,
-    IterationSemantics.MEAN_OF_AGENT_EPISODES.value: np.mean,
-    IterationSemantics.MIN_OF_AGENT_EPISODES.value: np.min,
-    IterationSemantics.MAX_OF_AGENT_EPISODES.value: np.max,
-    IterationSemantics.MIN_OF_EPISODE_SUMS.value: np.min,
-    IterationSemantics.MAX_OF_EPISODE_SUMS.value: np.max,
+    IterationSemantics.MEAN_OF_EPISODE_SUMS.value: "mean",
+    IterationSemantics.MEAN_OF_AGENT_EPISODES.value: "mean",
+    IterationSemantics.MIN_OF_AGENT_EPISODES.value: "min",
+    IterationSemantics.MAX_OF_AGENT_EPISODES.value: "max",
+    IterationSemantics.MIN_OF_EPISODE_SUMS.value: "min",
+    IterationSemantics.MAX_OF_EPISODE_SUMS.value: "max",
 }
 
 
@@ -80,46 +80,6 @@ class DashboardSeries:
         return text.replace(f"{self.path}{key}", self.path)
 
 
-def _window(rows: pd.DataFrame, model: str, iteration: int, window: int, evaluation: bool, discard_last_call: bool = False) -> pd.DataFrame | list[pd.DataFrame]:
-    """The per-episode rows one iteration's displayed value covers: one frame per
-    (runner, get_metrics call) for ``per_call_window``, else one frame."""
-    if model == "per_call_window":
-        now = rows[rows["iteration"] == iteration]
-        if discard_last_call:
-            # The driver never reads each remote runner's last sample()+get_metrics() of an
-            # evaluation round (manifest `evaluation_discards_last_call`, see capture/newstack.py).
-            last = now.groupby("runner_id")["metrics_call"].transform("max")
-            now = now[now["metrics_call"] != last]
-        return [g.tail(window) for _, g in now.groupby(["runner_id", "metrics_call"], sort=False)]
-    if evaluation:
-        return rows[rows["iteration"] == iteration]
-    upto = rows[rows["iteration"] <= iteration]
-    episodes = upto.drop_duplicates(["runner_id", "episode_id"])
-    n_new = int((episodes["iteration"] == iteration).sum())
-    keep = episodes.tail(max(window, n_new))[["runner_id", "episode_id"]]
-    return upto.merge(keep, on=["runner_id", "episode_id"])
-
-
-def _reduce(window: pd.DataFrame | list[pd.DataFrame], column: str, model: str, reducer) -> float:
-    if model == "per_call_window":
-        # Each (runner, call) reduces its window; the driver merges means by nan-mean and
-        # min/max by min/max.
-        per_call = [float(reducer(g[column].to_numpy())) for g in window if len(g)]
-        merge = reducer if reducer in (np.min, np.max) else np.mean
-        return float(merge(per_call)) if per_call else math.nan
-    values = window[column].to_numpy()
-    return float(reducer(values)) if len(values) else math.nan
-
-
-def _select(episodes: pd.DataFrame, kind: str, key: str | None) -> pd.DataFrame:
-    e = episodes[episodes["kind"] == kind]
-    if kind == Kind.AGENT.value:
-        return e[e["agent_id"] == key]
-    if kind in (Kind.MODULE.value, Kind.POLICY.value):
-        return e[e["module_id"] == key]
-    return e
-
-
 def dashboard_rows(run) -> tuple[pd.DataFrame, list[str]]:
     """The dashboard numbers to audit, and notes on where they came from.
 
@@ -148,59 +108,58 @@ def dashboard_rows(run) -> tuple[pd.DataFrame, list[str]]:
     return iterations, notes
 
 
-def audit_dashboard(run, episodes: pd.DataFrame, *, atol: float = 1e-6, rtol: float = 1e-5, iterations: pd.DataFrame | None = None) -> list[DashboardSeries]:
-    """Rebuild each recorded dashboard series; ``episodes`` is ``compare(run).episodes``."""
-    manifest = run.manifest
-    model = manifest.get("smoothing_model")
-    iterations = run.iterations if iterations is None else iterations
-    if model not in ("per_call_window", "driver_history") or iterations.empty or episodes.empty:
+_COLUMNS = {"mean": ("r_mean", "t_mean"), "min": ("r_min", "t_min"), "max": ("r_max", "t_max")}
+
+
+def build_dashboard(run, windows: pd.DataFrame, iterations: pd.DataFrame, *, atol: float = 1e-6, rtol: float = 1e-5) -> list[DashboardSeries]:
+    """Rebuild each recorded dashboard series from ``windows`` — per (phase, kind, key,
+    iteration): RLlib's per-episode values and the truth reduced over the episodes the
+    window model says the iteration covers (``compare`` computes them while it streams) —
+    vectorised over iterations."""
+    if windows is None or windows.empty or iterations.empty or run.manifest.get("smoothing_model") not in ("per_call_window", "driver_history"):
         return []
-    S = int(manifest.get("metrics_num_episodes_for_smoothing") or 100)
-    order = run.reported.reset_index().rename(columns={"index": "order"})
-    meta = order[["runner_id", "episode_id", "kind", "agent_id", "module_id", "metrics_call", "iteration", "order"]]
-    eps = episodes[~episodes["missing_report"]].drop(columns=["metrics_call", "iteration"], errors="ignore").merge(meta, on=["runner_id", "episode_id", "kind", "agent_id", "module_id"])
-    eps = eps.sort_values("order")
+    its = iterations.assign(reducer=iterations["semantics"].map(_REDUCERS))
+    its = its[its["reducer"].notna()]
+    if its.empty:
+        return []
+    its = its.assign(sel_key=its["key"].where(its["kind"] != Kind.EPISODE.value, None))
+    w = windows.assign(sel_key=windows["sel_key"].where(windows["kind"] != Kind.EPISODE.value, None))
+    for frame in (its, w):
+        frame["sel_key"] = frame["sel_key"].astype(object).where(frame["sel_key"].notna(), "\x00none")
+    joined = its.merge(w, on=["phase", "kind", "sel_key", "iteration"], how="left")
     series = []
-    for (phase, path, kind, key, semantics), rows in iterations.groupby(["phase", "path", "kind", "key", "semantics"], dropna=False, sort=False):
-        reducer = _REDUCERS.get(semantics)
-        if reducer is None:
-            continue
+    for (phase, path, kind, key, semantics), rows in joined.groupby(["phase", "path", "kind", "key", "semantics"], dropna=False, sort=False):
+        rows = rows.sort_values("iteration", kind="stable")
+        r_col, t_col = _COLUMNS[rows["reducer"].iloc[0]]
+        rebuilt, expected = rows[r_col].to_numpy(float), rows[t_col].to_numpy(float)
+        low, high = rows["low"].to_numpy(float), rows["high"].to_numpy(float)
+        if phase == "evaluation":
+            # No evaluation in this iteration: RLlib keeps showing the last evaluation's values.
+            frame = pd.DataFrame({"rebuilt": rebuilt, "expected": expected, "low": low, "high": high})
+            none = np.isnan(low)
+            none[0] = False
+            frame[none] = np.nan
+            frame = frame.ffill()
+            rebuilt, expected, low, high = (frame[c].to_numpy(float) for c in ("rebuilt", "expected", "low", "high"))
+        displayed = rows["value"].to_numpy(float)
+        with np.errstate(invalid="ignore"):
+            model_ok = (np.isnan(displayed) & np.isnan(rebuilt)) | (~np.isnan(rebuilt) & (np.abs(displayed - rebuilt) <= atol + rtol * np.abs(displayed)))
+            agrees = (np.isnan(displayed) & np.isnan(expected)) | (
+                ~np.isnan(expected) & (np.abs(displayed - expected) <= atol + rtol * np.maximum(np.abs(displayed), np.abs(expected)))
+            )
+        table = pd.DataFrame(
+            {
+                "iteration": rows["iteration"].astype(int).to_numpy(),
+                "displayed": displayed,
+                "rebuilt": rebuilt,
+                "expected": expected,
+                "difference": displayed - expected,
+                "model_ok": model_ok,
+                "agrees": agrees,
+                "low": low,
+                "high": high,
+            }
+        )
         key = None if isinstance(key, float) and math.isnan(key) else key
-        selected = _select(eps[eps["phase"] == phase], kind, key)
-        evaluation = phase == "evaluation"
-        runners = manifest.get("evaluation_num_env_runners") if evaluation else manifest.get("num_env_runners")
-        window = S if model == "driver_history" else max(1, math.ceil(S / max(int(runners or 0), 1)))
-        discard = evaluation and bool(manifest.get("evaluation_discards_last_call"))
-        out: list[dict] = []
-        for r in rows.sort_values("iteration").itertuples(index=False):
-            it = int(r.iteration)
-            now = selected.loc[selected["iteration"] == it, "truth"]
-            if evaluation and not len(now) and out:
-                # No evaluation in this iteration: RLlib keeps showing the last evaluation's values.
-                rebuilt, expected, low, high = out[-1]["rebuilt"], out[-1]["expected"], out[-1]["low"], out[-1]["high"]
-            else:
-                covered = _window(selected, model, it, window, evaluation, discard)
-                rebuilt = _reduce(covered, "reported", model, reducer)
-                expected = _reduce(covered, "truth", model, reducer)
-                low, high = (float(now.min()), float(now.max())) if len(now) else (math.nan, math.nan)
-            displayed = float(r.value)
-            both_nan = math.isnan(displayed) and math.isnan(rebuilt)
-            model_ok = both_nan or (not math.isnan(rebuilt) and abs(displayed - rebuilt) <= atol + rtol * abs(displayed))
-            agrees = (math.isnan(displayed) and math.isnan(expected)) or (
-                not math.isnan(expected) and abs(displayed - expected) <= atol + rtol * max(abs(displayed), abs(expected))
-            )
-            out.append(
-                {
-                    "iteration": it,
-                    "displayed": displayed,
-                    "rebuilt": rebuilt,
-                    "expected": expected,
-                    "difference": displayed - expected,
-                    "model_ok": bool(model_ok),
-                    "agrees": bool(agrees),
-                    "low": low,
-                    "high": high,
-                }
-            )
-        series.append(DashboardSeries(phase, path, kind, key, pd.DataFrame(out)))
+        series.append(DashboardSeries(phase, path, kind, key, table))
     return series

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import pytest
 
-from .compare import FAILURES, Audit, Verdict
+from .audit import FAILURES, Audit, Verdict
 from .testing import assert_no_leakage, train_and_audit
 
 _AUDITS_KEY = pytest.StashKey[list]()

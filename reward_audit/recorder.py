@@ -4,7 +4,7 @@ chunks using public hooks only; plus the per-episode returns RLlib reported.
 One ``RunnerRecorder`` lives in each env-runner process (attached to the runner object).
 The capture adapters (``capture/``) feed it; the driver drains it once per iteration.
 
-Attributing tapped rewards to episodes (RLLIB_NOTES §3):
+Attributing tapped rewards to episodes (docs/ray_versions.md):
 
 * the tap adds each ``step()``'s rewards to ``pending[env_index]``;
 * ``on_episode_step`` / ``on_episode_end`` for that index move ``pending`` into the episode
@@ -15,7 +15,7 @@ Attributing tapped rewards to episodes (RLLIB_NOTES §3):
   turns every episode touched in this ``sample()`` call into chunk rows.
 
 A reward is *pre-observation* if the agent was not in the reset observation nor in any
-observation returned before that step (RLlib never counts those: RLLIB_NOTES §3).
+observation returned before that step (RLlib never counts those: docs/ray_versions.md).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from typing import Iterable
 
-from .compare import Audit, Finding, Verdict
+from .audit import Audit, Finding, Verdict
 
 
 def _num(x: float | None) -> str:

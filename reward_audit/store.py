@@ -18,10 +18,12 @@ import math
 import os
 import uuid
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Iterable
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -39,6 +41,33 @@ def resolve_filesystem(path_or_uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 # --------------------------------------------------------------------------- writing
+
+# Raw rows are sorted so that an episode's rows sit together: run-length and dictionary
+# encoding then store the repeated ids (runner, episode, agent, module) almost for free.
+# The reported tables keep their written order: it is RLlib's order, which the
+# dashboard rebuild needs.
+RAW_SORT_KEYS = ["iteration", "phase", "runner_id", "episode_id", "chunk_seq", "agent_id"]
+ROW_GROUP_ROWS = 1 << 20
+
+
+def write_part(table: str, arrow: pa.Table, sink: Any) -> None:
+    """Write one part of ``table``: raw rows sorted (``RAW_SORT_KEYS``), dictionary-encoded,
+    zstd, row-group statistics on ``iteration`` (readers skip what a window does not need),
+    the schema version in the Arrow metadata. About 12 bytes per raw agent-chunk row."""
+    arrow = arrow.select(schema.TABLES[table].names).cast(schema.TABLES[table])
+    if table == "raw_rewards":
+        arrow = arrow.sort_by([(k, "ascending") for k in RAW_SORT_KEYS])
+    arrow = arrow.replace_schema_metadata({_VERSION_KEY: str(schema.SCHEMA_VERSION).encode()})
+    pq.write_table(
+        arrow,
+        sink,
+        compression="zstd",
+        compression_level=3,
+        use_dictionary=True,
+        dictionary_pagesize_limit=64 << 20,
+        row_group_size=ROW_GROUP_ROWS,
+        write_statistics=["iteration"],
+    )
 
 
 class RunWriter:
@@ -75,10 +104,14 @@ class RunWriter:
         """Write ``rows`` as one part file of ``table``; returns its path (None if no rows)."""
         if not rows:
             return None
-        arrow = pa.Table.from_pylist(rows, schema=schema.TABLES[table])
-        arrow = arrow.replace_schema_metadata({_VERSION_KEY: str(schema.SCHEMA_VERSION).encode()})
+        return self.write_table(table, pa.Table.from_pylist(rows, schema=schema.TABLES[table]), tag)
+
+    def write_table(self, table: str, arrow: pa.Table, tag: str) -> str | None:
+        """Write an Arrow table of ``table``'s schema as one part file (see ``write_part``)."""
+        if not arrow.num_rows:
+            return None
         final = f"{self.path}/{table}/part-{tag}-{uuid.uuid4().hex[:8]}.parquet"
-        self._atomic_write(final, lambda s: pq.write_table(arrow, s, compression="zstd"))
+        self._atomic_write(final, lambda s: write_part(table, arrow, s))
         return final
 
 
@@ -86,21 +119,72 @@ class RunWriter:
 
 
 @dataclass(frozen=True)
+class Part:
+    """One Parquet part file: its path, rows and the iterations its row groups hold."""
+
+    path: str
+    rows: int
+    first_iteration: int
+    last_iteration: int
+    replaces: tuple[str, ...] = ()  # part names a compacted part stands for
+
+
+@dataclass(frozen=True, eq=False)
 class Run:
-    """One loaded run folder: the manifest and the three tables as DataFrames."""
+    """One run folder: the manifest and its validated part files. The tables are read
+    only when asked for (``raw``, ``reported``, ``iterations`` as pandas DataFrames, fine
+    for small runs); ``compare`` streams the parts instead."""
 
     path: str
     manifest: dict[str, Any]
-    raw: pd.DataFrame
-    reported: pd.DataFrame
-    iterations: pd.DataFrame
-    files: dict[str, list[str]] = field(default_factory=dict)
+    parts: dict[str, tuple[Part, ...]] = field(default_factory=dict)
+    filesystem: pafs.FileSystem = field(default_factory=pafs.LocalFileSystem, repr=False)
 
     @property
     def name(self) -> str:
         """A short display name: the trial folder holding the audit folder."""
         parent = os.path.dirname(self.path.rstrip("/"))
         return os.path.basename(parent) or self.path
+
+    @property
+    def files(self) -> dict[str, list[str]]:
+        return {name: [p.path for p in parts] for name, parts in self.parts.items()}
+
+    @property
+    def local(self) -> bool:
+        return isinstance(self.filesystem, pafs.LocalFileSystem)
+
+    def rows(self, table: str) -> int:
+        return sum(p.rows for p in self.parts.get(table, ()))
+
+    def read(self, table: str, parts: Iterable[Part] | None = None) -> pa.Table:
+        """The Arrow table of ``table`` (all parts, or the given ones), in the canonical schema."""
+        expected = schema.TABLES[table]
+        tables = []
+        for part in self.parts.get(table, ()) if parts is None else parts:
+            try:
+                with self.filesystem.open_input_file(part.path) as f:
+                    data = pq.read_table(f)
+                tables.append(data.select(expected.names).cast(expected))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
+                raise CorruptRunError(f"{part.path}: unreadable Parquet ({str(e).splitlines()[0]}); {_DAMAGED_FIX}") from e
+        return pa.concat_tables(tables) if tables else expected.empty_table()
+
+    @cached_property
+    def raw(self) -> pd.DataFrame:
+        return self.read("raw_rewards").to_pandas()
+
+    @cached_property
+    def reported(self) -> pd.DataFrame:
+        return self.read("reported_episodes").to_pandas()
+
+    @cached_property
+    def iterations(self) -> pd.DataFrame:
+        return self.read("reported_iterations").to_pandas()
+
+
+_DAMAGED_FIX = "the file is damaged — delete it to audit the rest (its rows will be missing), or re-record the run"
+_REPLACES_KEY = b"reward_audit.replaces"
 
 
 def _is_audit_dir(fs: pafs.FileSystem, path: str) -> bool:
@@ -170,61 +254,60 @@ def _part_files(fs: pafs.FileSystem, folder: str) -> list[str]:
     )
 
 
-def _read_table(fs: pafs.FileSystem, path: str, name: str) -> tuple[pd.DataFrame, list[str]]:
+def _inspect(fs: pafs.FileSystem, file: str, name: str) -> Part:
+    """Validate one part from its footer alone (schema version, columns, types)."""
     expected = schema.TABLES[name]
-    files = _part_files(fs, f"{path}/{name}")
-    tables = []
-    for file in files:
-        try:
-            with fs.open_input_file(file) as f:
-                table = pq.read_table(f)
-        except (pa.ArrowInvalid, OSError) as e:
-            raise CorruptRunError(
-                f"{file}: unreadable Parquet ({str(e).splitlines()[0]}); the file is damaged — "
-                "delete it to audit the rest (its rows will be missing), or re-record the run"
-            ) from e
-        version = (table.schema.metadata or {}).get(_VERSION_KEY)
-        if version != str(schema.SCHEMA_VERSION).encode():
-            shown = version.decode() if version else "none"
-            raise SchemaVersionError(
-                f"{file}: schema version {shown}, this reward_audit reads version {schema.SCHEMA_VERSION}; "
-                "use the reward_audit version that wrote the run"
-            )
-        missing = [f.name for f in expected if f.name not in table.column_names]
-        if missing:
-            raise SchemaVersionError(f"{file}: missing columns {missing}; the file does not match schema {schema.SCHEMA_VERSION}")
-        tables.append(table.select(expected.names).cast(expected))
-    table = pa.concat_tables(tables) if tables else expected.empty_table()
-    return table.to_pandas(), files
+    try:
+        with fs.open_input_file(file) as f:
+            meta = pq.ParquetFile(f).metadata
+            arrow_schema = meta.schema.to_arrow_schema()
+    except (pa.ArrowInvalid, OSError) as e:
+        raise CorruptRunError(f"{file}: unreadable Parquet ({str(e).splitlines()[0]}); {_DAMAGED_FIX}") from e
+    version = (arrow_schema.metadata or {}).get(_VERSION_KEY)
+    if version != str(schema.SCHEMA_VERSION).encode():
+        shown = version.decode(errors="replace") if version else "none"
+        raise SchemaVersionError(
+            f"{file}: schema version {shown}, this reward_audit reads version {schema.SCHEMA_VERSION}; "
+            "use the reward_audit version that wrote the run"
+        )
+    missing = [f.name for f in expected if f.name not in arrow_schema.names]
+    if missing:
+        raise SchemaVersionError(f"{file}: missing columns {missing}; the file does not match schema {schema.SCHEMA_VERSION}")
+    for f in expected:
+        actual = arrow_schema.field(f.name).type
+        if actual != f.type and not (pa.types.is_integer(actual) and pa.types.is_integer(f.type)) and not (
+            pa.types.is_dictionary(actual) and actual.value_type == f.type
+        ):
+            raise InvalidDataError(f"{file}: column `{f.name}` is {actual}, expected {f.type}; the file was not written by reward_audit, re-record the run")
+    lo, hi = _iteration_range(meta, arrow_schema.get_field_index("iteration"))
+    replaces = (arrow_schema.metadata or {}).get(_REPLACES_KEY)
+    return Part(file, meta.num_rows, lo, hi, tuple(json.loads(replaces)) if replaces else ())
 
 
-def _check_finite(df: pd.DataFrame, files: list[str], columns: Iterable[str], what: str) -> None:
-    for column in columns:
-        bad = df[~df[column].map(lambda v: isinstance(v, float) and math.isfinite(v))]
-        if len(bad):
-            row = bad.iloc[0]
-            raise InvalidDataError(
-                f"{files[0] if len(files) == 1 else os.path.dirname(files[0])}: {len(bad)} {what} with non-finite "
-                f"`{column}` (first: episode {row['episode_id']}, value {row[column]}); "
-                "the env returned NaN/inf rewards, which no return can be checked against — fix the env's `step()`"
-            )
+def _iteration_range(meta: pq.FileMetaData, column: int) -> tuple[int, int]:
+    """The iterations a part holds, from its row-group statistics (unknown: all)."""
+    lo, hi = None, None
+    for i in range(meta.num_row_groups):
+        stats = meta.row_group(i).column(column).statistics
+        if stats is None or not stats.has_min_max:
+            return -(2**62), 2**62
+        lo = stats.min if lo is None else min(lo, stats.min)
+        hi = stats.max if hi is None else max(hi, stats.max)
+    return (lo or 0, hi or 0) if lo is not None else (0, -1)
+
+
+def _parts(fs: pafs.FileSystem, path: str, name: str) -> tuple[Part, ...]:
+    parts = [_inspect(fs, file, name) for file in _part_files(fs, f"{path}/{name}")]
+    # A compacted part stands for the parts it lists; if compaction stopped before it
+    # deleted them, they are still here: read the compacted one only.
+    replaced = {r for p in parts for r in p.replaces}
+    return tuple(p for p in parts if os.path.basename(p.path) not in replaced)
 
 
 def _load(fs: pafs.FileSystem, path: str) -> Run:
     manifest = _read_manifest(fs, path)
-    raw, raw_files = _read_table(fs, path, "raw_rewards")
-    reported, rep_files = _read_table(fs, path, "reported_episodes")
-    iterations, it_files = _read_table(fs, path, "reported_iterations")
-    if raw_files:
-        _check_finite(raw, raw_files, ["reward", "pre_obs_reward"], "raw reward rows")
-    return Run(
-        path=path,
-        manifest=manifest,
-        raw=raw,
-        reported=reported,
-        iterations=iterations,
-        files={"raw_rewards": raw_files, "reported_episodes": rep_files, "reported_iterations": it_files},
-    )
+    parts = {name: _parts(fs, path, name) for name in schema.TABLES}
+    return Run(path=path, manifest=manifest, parts=parts, filesystem=fs)
 
 
 def load_run(path_or_uri: str) -> Run:
@@ -242,3 +325,61 @@ def load_runs(path_or_uri: str) -> list[Run]:
     """Every run at or below ``path_or_uri`` (e.g. each trial of a Tune experiment)."""
     fs, _ = resolve_filesystem(path_or_uri)
     return [_load(fs, path) for path in find_runs(path_or_uri)]
+
+
+# --------------------------------------------------------------------------- compaction
+
+COMPACT_TARGET_ROWS = 4 << 20
+
+
+def compact_run(path_or_uri: str, target_rows: int = COMPACT_TARGET_ROWS) -> dict[str, tuple[int, int]]:
+    """Merge each table's small parts into parts of up to ``target_rows`` rows (one row
+    group per source part, so readers still skip by iteration). Returns
+    ``{table: (parts before, parts after)}``.
+
+    Atomic and idempotent: a compacted part is written under a temporary name, renamed
+    into place, and lists the parts it replaces in its metadata; only then are those
+    deleted. A reader that finds both reads the compacted part only, and running
+    ``compact_run`` again finishes an interrupted compaction and changes nothing else.
+    """
+    fs, _ = resolve_filesystem(path_or_uri)
+    out = {}
+    for run_path in find_runs(path_or_uri):
+        run = _load(fs, run_path)
+        writer = RunWriter(run_path, fs)
+        for name in schema.TABLES:
+            every = [_inspect(fs, f, name) for f in _part_files(fs, f"{run_path}/{name}")]
+            live = {os.path.basename(p.path) for p in run.parts[name]}
+            stale = [p.path for p in every if os.path.basename(p.path) not in live]
+            for file in stale:  # finish an interrupted compaction
+                fs.delete_file(file)
+            parts = list(run.parts[name])
+            groups: list[list[Part]] = []
+            for part in parts:
+                if part.rows >= target_rows // 2:
+                    groups.append([part])  # already big: leave as is
+                elif groups and len(groups[-1]) > 0 and groups[-1][-1].rows < target_rows // 2 and sum(p.rows for p in groups[-1]) + part.rows <= target_rows:
+                    groups[-1].append(part)
+                else:
+                    groups.append([part])
+            after = 0
+            for group in groups:
+                after += 1
+                if len(group) == 1:
+                    continue
+                first = os.path.basename(group[0].path)[len("part-"):].rsplit("-", 1)[0]
+                final = f"{run_path}/{name}/part-{first}-c{len(group)}-{uuid.uuid4().hex[:8]}.parquet"
+                replaces = json.dumps([os.path.basename(p.path) for p in group]).encode()
+                meta = {_VERSION_KEY: str(schema.SCHEMA_VERSION).encode(), _REPLACES_KEY: replaces}
+
+                def write(sink: Any, group: list[Part] = group, meta: dict = meta) -> None:
+                    target = schema.TABLES[name].with_metadata(meta)
+                    with pq.ParquetWriter(sink, target, compression="zstd", use_dictionary=True, dictionary_pagesize_limit=64 << 20, write_statistics=["iteration"]) as w:
+                        for part in group:  # one row group per source part, in order
+                            w.write_table(run.read(name, [part]).replace_schema_metadata(meta), row_group_size=ROW_GROUP_ROWS)
+
+                writer._atomic_write(final, write)
+                for part in group:
+                    fs.delete_file(part.path)
+            out[name] = (len(parts), after)
+    return out

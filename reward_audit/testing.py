@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from .compare import FAILURES, Audit, Verdict, compare
+from .audit import FAILURES, Audit, Verdict
+from .compare import compare
 from .report import render_text
 from .store import load_runs
 

@@ -5,9 +5,9 @@ Change log — what the numbers meant, per Ray version:
 * per-episode values: ``MultiAgentEnvRunner.get_metrics()`` sums each done episode's
   chunks and calls ``_log_episode_metrics(length, ret, sec, agents, modules, agent_steps)``
   once per episode, in the order of ``_done_episodes_for_metrics``. We wrap both on the
-  runner instance and zip ids with calls (RLLIB_NOTES §5). ``agents`` is keyed by
+  runner instance and zip ids with calls (docs/ray_versions.md). ``agents`` is keyed by
   ``str(agent_id)``; ``modules`` by module id; both are sums over the whole episode of the
-  rewards RLlib counts (pre-observation rewards excluded by design, RLLIB_NOTES §3).
+  rewards RLlib counts (pre-observation rewards excluded by design, docs/ray_versions.md).
 * Ray 2.53: ``modules`` was built with a dict comprehension over ``agent_episodes``, so
   agents sharing a module overwrote each other instead of summing (final chunk of only the
   last agent + earlier chunks of all); ``rllib/env/multi_agent_env_runner.py:640-646`` of

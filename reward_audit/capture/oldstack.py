@@ -19,8 +19,8 @@ source; the logic is identical in 2.12, 2.53 and 2.60):
   observation comes with ``done`` is skipped (``:534`` / ``:552``); rewards of agents
   without an observation are held in ``_MultiAgentEnvState.last_rewards`` and released with
   their next observation or at episode end (2.60 ``env/multi_agent_env.py:725-755``). So the
-  values are ``episode_sum_counted`` (RLLIB_NOTES §3), on every version. All versions
-  clean on every scenario tried, shared policies included (RLLIB_NOTES §5).
+  values are ``episode_sum_counted`` (docs/ray_versions.md), on every version. All versions
+  clean on every scenario tried, shared policies included (docs/ray_versions.md).
 * reward clipping: with ``clip_rewards`` (``True`` -> sign, a float -> limit) or an Atari env
   (Ray PR #31092), the agent connector ``ClipRewardAgentConnector`` rewrites the reward
   *before* it reaches ``agent_rewards`` (2.60 ``connectors/util.py:41-58``), so every

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .schema import IterationSemantics, Kind
+from reward_audit.results import manifest_paths, read_tune_results, same_number, tune_result_file
+from reward_audit.schema import IterationSemantics, Kind
 
 _REDUCERS = {
     IterationSemantics.MEAN_OF_EPISODE_SUMS.value: np.mean,
@@ -79,26 +80,34 @@ class DashboardSeries:
         return text.replace(f"{self.path}{key}", self.path)
 
 
-def _window_values(rows: pd.DataFrame, model: str, iteration: int, window: int, evaluation: bool, column: str) -> np.ndarray | list[np.ndarray]:
+def _window(rows: pd.DataFrame, model: str, iteration: int, window: int, evaluation: bool, discard_last_call: bool = False) -> pd.DataFrame | list[pd.DataFrame]:
+    """The per-episode rows one iteration's displayed value covers: one frame per
+    (runner, get_metrics call) for ``per_call_window``, else one frame."""
     if model == "per_call_window":
         now = rows[rows["iteration"] == iteration]
-        return [g[column].to_numpy()[-window:] for _, g in now.groupby(["runner_id", "metrics_call"], sort=False)]
+        if discard_last_call:
+            # The driver never reads each remote runner's last sample()+get_metrics() of an
+            # evaluation round (manifest `evaluation_discards_last_call`, see capture/newstack.py).
+            last = now.groupby("runner_id")["metrics_call"].transform("max")
+            now = now[now["metrics_call"] != last]
+        return [g.tail(window) for _, g in now.groupby(["runner_id", "metrics_call"], sort=False)]
     if evaluation:
-        return rows.loc[rows["iteration"] == iteration, column].to_numpy()
+        return rows[rows["iteration"] == iteration]
     upto = rows[rows["iteration"] <= iteration]
     episodes = upto.drop_duplicates(["runner_id", "episode_id"])
     n_new = int((episodes["iteration"] == iteration).sum())
     keep = episodes.tail(max(window, n_new))[["runner_id", "episode_id"]]
-    return upto.merge(keep, on=["runner_id", "episode_id"])[column].to_numpy()
+    return upto.merge(keep, on=["runner_id", "episode_id"])
 
 
-def _reduce(values: np.ndarray | list[np.ndarray], model: str, reducer) -> float:
+def _reduce(window: pd.DataFrame | list[pd.DataFrame], column: str, model: str, reducer) -> float:
     if model == "per_call_window":
         # Each (runner, call) reduces its window; the driver merges means by nan-mean and
         # min/max by min/max.
-        per_call = [float(reducer(v)) for v in values if len(v)]
+        per_call = [float(reducer(g[column].to_numpy())) for g in window if len(g)]
         merge = reducer if reducer in (np.min, np.max) else np.mean
         return float(merge(per_call)) if per_call else math.nan
+    values = window[column].to_numpy()
     return float(reducer(values)) if len(values) else math.nan
 
 
@@ -111,11 +120,40 @@ def _select(episodes: pd.DataFrame, kind: str, key: str | None) -> pd.DataFrame:
     return e
 
 
-def audit_dashboard(run, episodes: pd.DataFrame, *, atol: float = 1e-6, rtol: float = 1e-5) -> list[DashboardSeries]:
+def dashboard_rows(run) -> tuple[pd.DataFrame, list[str]]:
+    """The dashboard numbers to audit, and notes on where they came from.
+
+    The callback records every ``train()`` result; when the trial dir also holds Tune's
+    ``result.json`` (what Tune and TensorBoard were fed), its numbers are cross-checked
+    against ours, and used instead when the run recorded none.
+    """
+    iterations, notes = run.iterations, []
+    file = tune_result_file(run.path) if "://" not in run.path else None
+    if file is None:
+        return iterations, notes
+    tune = pd.DataFrame(read_tune_results(file, manifest_paths(run.manifest)))
+    if tune.empty:
+        return iterations, notes
+    if iterations.empty:
+        notes.append(f"dashboard numbers read from Tune's {file} (the run recorded none)")
+        return tune, notes
+    keys = ["phase", "iteration", "path"]
+    both = iterations.merge(tune, on=keys, suffixes=("", "_tune"))
+    differ = [r for r in both.itertuples(index=False) if not same_number(r.value, r.value_tune)]
+    text = f"Tune's {file}: {len(both)} numbers cross-checked with the recorded train() results, {len(differ)} differ"
+    if differ:
+        r = differ[0]
+        text += f" (e.g. iteration {r.iteration} {r.path}: recorded {r.value:.6g}, result.json {r.value_tune:.6g})"
+    notes.append(text)
+    return iterations, notes
+
+
+def audit_dashboard(run, episodes: pd.DataFrame, *, atol: float = 1e-6, rtol: float = 1e-5, iterations: pd.DataFrame | None = None) -> list[DashboardSeries]:
     """Rebuild each recorded dashboard series; ``episodes`` is ``compare(run).episodes``."""
     manifest = run.manifest
     model = manifest.get("smoothing_model")
-    if model not in ("per_call_window", "driver_history") or run.iterations.empty or episodes.empty:
+    iterations = run.iterations if iterations is None else iterations
+    if model not in ("per_call_window", "driver_history") or iterations.empty or episodes.empty:
         return []
     S = int(manifest.get("metrics_num_episodes_for_smoothing") or 100)
     order = run.reported.reset_index().rename(columns={"index": "order"})
@@ -123,7 +161,7 @@ def audit_dashboard(run, episodes: pd.DataFrame, *, atol: float = 1e-6, rtol: fl
     eps = episodes[~episodes["missing_report"]].drop(columns=["metrics_call", "iteration"], errors="ignore").merge(meta, on=["runner_id", "episode_id", "kind", "agent_id", "module_id"])
     eps = eps.sort_values("order")
     series = []
-    for (phase, path, kind, key, semantics), rows in run.iterations.groupby(["phase", "path", "kind", "key", "semantics"], dropna=False, sort=False):
+    for (phase, path, kind, key, semantics), rows in iterations.groupby(["phase", "path", "kind", "key", "semantics"], dropna=False, sort=False):
         reducer = _REDUCERS.get(semantics)
         if reducer is None:
             continue
@@ -132,6 +170,7 @@ def audit_dashboard(run, episodes: pd.DataFrame, *, atol: float = 1e-6, rtol: fl
         evaluation = phase == "evaluation"
         runners = manifest.get("evaluation_num_env_runners") if evaluation else manifest.get("num_env_runners")
         window = S if model == "driver_history" else max(1, math.ceil(S / max(int(runners or 0), 1)))
+        discard = evaluation and bool(manifest.get("evaluation_discards_last_call"))
         out: list[dict] = []
         for r in rows.sort_values("iteration").itertuples(index=False):
             it = int(r.iteration)
@@ -140,8 +179,9 @@ def audit_dashboard(run, episodes: pd.DataFrame, *, atol: float = 1e-6, rtol: fl
                 # No evaluation in this iteration: RLlib keeps showing the last evaluation's values.
                 rebuilt, expected, low, high = out[-1]["rebuilt"], out[-1]["expected"], out[-1]["low"], out[-1]["high"]
             else:
-                rebuilt = _reduce(_window_values(selected, model, it, window, evaluation, "reported"), model, reducer)
-                expected = _reduce(_window_values(selected, model, it, window, evaluation, "truth"), model, reducer)
+                covered = _window(selected, model, it, window, evaluation, discard)
+                rebuilt = _reduce(covered, "reported", model, reducer)
+                expected = _reduce(covered, "truth", model, reducer)
                 low, high = (float(now.min()), float(now.max())) if len(now) else (math.nan, math.nan)
             displayed = float(r.value)
             both_nan = math.isnan(displayed) and math.isnan(rebuilt)
