@@ -70,8 +70,34 @@ def _one_line_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+def _progress(enabled: bool) -> Callable[[str, float], None] | None:
+    """Progress on stderr, only when stderr is a terminal (never in pipes or JSON)."""
+    if not enabled or not sys.stderr.isatty():
+        return None
+
+    def show(what: str, fraction: float) -> None:
+        click.echo(f"\r\x1b[Kreward-audit: {fraction:4.0%} {what}", err=True, nl=False)
+
+    return show
+
+
+def audit_all(path: str, atol: float, rtol: float, progress: bool = True) -> list:
+    runs = load_runs(path)
+    show = _progress(progress)
+    audits = []
+    for i, run in enumerate(runs):
+        step = None
+        if show:
+            def step(what: str, fraction: float, i: int = i, name: str = run.name) -> None:
+                show(f"{name}: {what}" if len(runs) > 1 else what, (i + fraction) / len(runs))
+        audits.append(compare(run, atol=atol, rtol=rtol, progress=step))
+    if show:
+        click.echo("\r\x1b[K", err=True, nl=False)
+    return audits
+
+
 def _audit_and_print(path: str, as_json: bool, verbose: bool, fail_on: frozenset[Verdict], atol: float, rtol: float) -> int:
-    audits = [compare(run, atol=atol, rtol=rtol) for run in load_runs(path)]
+    audits = audit_all(path, atol, rtol, progress=not as_json)
     if as_json:
         click.echo(render_json(audits, fail_on=fail_on))
     else:
@@ -110,7 +136,7 @@ def report_cmd(path: str, output: str | None, fmt: str, atol: float, rtol: float
     dashboard value vs. the truth over iterations (plots)."""
     from .report import render_html, render_markdown
 
-    audits = [compare(run, atol=atol, rtol=rtol) for run in load_runs(path)]
+    audits = audit_all(path, atol, rtol)
     render = render_html if fmt == "html" else render_markdown
     text = "\n".join(render(a) for a in audits)  # several trials: one section (HTML: page) each
     output = output or f"report.{fmt}"
@@ -144,6 +170,21 @@ def demo_cmd(iterations: int, out: str | None, inject: str | None, as_json: bool
         click.echo(f"training {iterations} PPO iterations on ScaledRewardsEnv ({layout}){fault}, recording to {out} ...")
     run_demo(out, iterations=iterations, inject=inject)
     sys.exit(_audit_and_print(out, as_json, verbose, fail_on, atol, rtol))
+
+
+@main.command("compact")
+@click.argument("path")
+@_one_line_errors
+def compact_cmd(path: str) -> None:
+    """Merge a run's small part files into few large ones (atomic, idempotent).
+
+    A long run leaves one part per iteration per table; after `compact` a 1,000-iteration
+    run has a handful. Verdicts do not change; an interrupted `compact` is finished by the
+    next one, and readers never count a row twice meanwhile."""
+    from .store import compact_run
+
+    for table, (before, after) in compact_run(path).items():
+        click.echo(f"{table}: {before} parts -> {after}")
 
 
 @main.command("schema")

@@ -647,7 +647,11 @@ def _failing(
         f"{bad_multi}/{n_bad} wrong values come from multi-chunk episodes, {clean_multi} multi-chunk values are right"
     )
     patterns = rows["explanation"].map(lambda t: re.sub(r"\s*\([^)]*\)", "", t.split(";")[0]))
-    common, n_common = patterns.value_counts().index[0], int(patterns.value_counts().iloc[0])
+    # The most frequent pattern; ties go to the one with the largest difference (rows are
+    # sorted by |difference|, and value_counts(sort=False) keeps first appearance).
+    frequency = patterns.value_counts(sort=False)
+    common = frequency.idxmax()
+    n_common = int(frequency[common])
     message += f"; in {n_common}/{len(rows)} wrong values: {common}"
     if sampled:
         message += f" (explained: the {len(rows)} largest of {n_bad} wrong values)"

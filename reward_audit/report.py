@@ -126,6 +126,22 @@ def meaning_lines(audit: Audit) -> list[str]:
     return lines
 
 
+MAX_OFF_PLOTS = 12  # series that are off, worst first
+MAX_OVERVIEW_PLOTS = 4  # series that match, for orientation (episode return first)
+
+
+def plotted_series(audit: Audit) -> tuple[list, int]:
+    """The dashboard series a report plots — every mean series that is off (at most
+    ``MAX_OFF_PLOTS``, the largest differences first) plus a bounded overview of series that
+    match — and how many series are off but not plotted. A 20-policy league gets at most
+    16 plots, not 40+."""
+    means = [d for d in _primary(audit.dashboard) if "mean" in d.path]
+    off = [d for d in means if d.wrong_iterations or d.unreconstructable]
+    off.sort(key=lambda d: -float(d.table["difference"].abs().max()) if d.wrong_iterations else 0.0)
+    fine = sorted((d for d in means if d not in off), key=lambda d: (d.phase != "train", d.kind != "episode", d.path))
+    return off[:MAX_OFF_PLOTS] + fine[:MAX_OVERVIEW_PLOTS], max(0, len(off) - MAX_OFF_PLOTS)
+
+
 def _plots(audit: Audit) -> list[tuple[str, str]]:
     """(title, base64 PNG) per dashboard series of a module / policy / agent mean."""
     import base64
@@ -139,9 +155,7 @@ def _plots(audit: Audit) -> list[tuple[str, str]]:
     from matplotlib.ticker import MaxNLocator
 
     out = []
-    for d in sorted(_primary(audit.dashboard), key=lambda d: (d.phase != "train", d.path)):
-        if d.kind == "episode" or "mean" not in d.path:
-            continue
+    for d in plotted_series(audit)[0]:
         t = d.table
         fig, ax = plt.subplots(figsize=(5.6, 2.6), dpi=90)
         ax.plot(t["iteration"], t["displayed"], "o-", color="tab:red", label="shown by RLlib")
@@ -208,7 +222,12 @@ def render_html(audit: Audit) -> str:
         if ev:
             findings += "<table><tr><th>episode</th><th>runner</th><th>chunks</th><th>truth</th><th>reported</th><th>diff</th><th>explanation</th></tr>" + ev + "</table>"
     plots = "".join(f"<figure><img alt='{esc(t)}' src='data:image/png;base64,{b}'><figcaption>{esc(t)}</figcaption></figure>" for t, b in _plots(audit))
-    dash = "".join(f"<li>{esc(d.summary())}</li>" for d in audit.dashboard)
+    off_series = [d for d in audit.dashboard if d.wrong_iterations or d.unreconstructable]
+    hidden = plotted_series(audit)[1]
+    dash = "".join(f"<li>{esc(d.summary())}</li>" for d in off_series)
+    dash += f"<li>{len(audit.dashboard) - len(off_series)} other recorded series match the truth</li>" if len(audit.dashboard) > len(off_series) else ""
+    if hidden:
+        dash += f"<li>{hidden} more series are off but not plotted (listed above)</li>"
     meaning = "".join(f"<li>{esc(x)}</li>" for x in meaning_lines(audit))
     summary = ", ".join(f"{n} {v}" for v, n in sorted(audit.counts().items()))
     return f"""<!doctype html>

@@ -14,7 +14,6 @@ part complete or not at all; a crash leaves at most a ``.tmp`` file, which reade
 from __future__ import annotations
 
 import json
-import math
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -23,7 +22,6 @@ from typing import Any, Iterable
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -381,5 +379,6 @@ def compact_run(path_or_uri: str, target_rows: int = COMPACT_TARGET_ROWS) -> dic
                 writer._atomic_write(final, write)
                 for part in group:
                     fs.delete_file(part.path)
-            out[name] = (len(parts), after)
+            b0, a0 = out.get(name, (0, 0))
+            out[name] = (b0 + len(parts), a0 + after)
     return out
