@@ -49,12 +49,13 @@ def timed(code: str, path: str) -> tuple[float, float]:
     """(wall seconds, peak RSS MiB) of ``python -c code path`` in a fresh process."""
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", code, path], stderr=subprocess.PIPE, text=True)
-    _, _, usage = os.wait4(proc.pid, 0)
+    err = proc.stderr.read()  # small; read before reaping so the child never blocks on a full pipe
+    _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
-    err = proc.stderr.read()
     proc.stderr.close()
-    if proc.returncode not in (0, None) and "Error" in err:
-        raise SystemExit(err)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"benchmark subprocess failed (exit {proc.returncode}):\n{err}")
     return wall, usage.ru_maxrss / 1024
 
 
@@ -69,7 +70,7 @@ def main() -> None:
     args = ap.parse_args()
     from reward_audit.synthetic import generate_run
 
-    print(f"{'rows':>11} {'compare s':>10} {'bare s':>8} {'ratio':>6} {'RSS compare':>12} {'RSS bare':>9} {'bytes/row':>9} {'parts':>6} {'windows':>7}" + ("  report s  report/compare" if args.report else ""))
+    print(f"{'rows':>11} {'compare s':>10} {'bare s':>8} {'ratio':>6} {'RSS compare':>12} {'RSS bare':>9} {'bytes/row':>9} {'parts':>6}" + ("  report s  report/compare" if args.report else ""))
     for rows in args.rows:
         iterations = args.iterations or max(10, rows // 100_000)
         per_iteration = max(8, round(rows / iterations / 16))  # 8 agents x 2 chunks on average
@@ -95,8 +96,7 @@ def main() -> None:
             if args.report:
                 r_times.append(timed(REPORT, audit_dir)[0])
         c, b = statistics.median(c_times), statistics.median(b_times)
-        windows = "-"
-        line = f"{n:>11,} {c:>10.2f} {b:>8.2f} {c / b:>6.2f} {max(c_rss):>9.0f} MB {max(b_rss):>6.0f} MB {size / n:>9.2f} {parts:>6} {windows:>7}"
+        line = f"{n:>11,} {c:>10.2f} {b:>8.2f} {c / b:>6.2f} {max(c_rss):>9.0f} MB {max(b_rss):>6.0f} MB {size / n:>9.2f} {parts:>6}"
         if args.report:
             r = statistics.median(r_times)
             line += f"  {r:>8.2f}  {r / c:>14.2f}"

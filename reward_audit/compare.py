@@ -153,7 +153,9 @@ class _State:
 def _connect() -> tuple[duckdb.DuckDBPyConnection, tempfile.TemporaryDirectory]:
     tmp = tempfile.TemporaryDirectory(prefix="reward_audit_")
     # In memory, bounded by ``memory_limit``; DuckDB spills what does not fit to ``tmp``.
-    con = duckdb.connect(config={"memory_limit": MEMORY_LIMIT, "temp_directory": tmp.name, "preserve_insertion_order": False})
+    con = duckdb.connect(
+        config={"memory_limit": MEMORY_LIMIT, "temp_directory": tmp.name, "preserve_insertion_order": False, "enable_progress_bar": False}
+    )
     return con, tmp
 
 
@@ -195,7 +197,7 @@ CREATE TABLE open_t (phase VARCHAR, runner_id VARCHAR, episode_id VARCHAR, agent
 CREATE TABLE open_c (runner_id VARCHAR, episode_id VARCHAR, chunks BIGINT);
 CREATE TABLE closed (h UBIGINT);
 CREATE TABLE acc_key (phase VARCHAR, kind VARCHAR, key VARCHAR, first_ord BIGINT, n_rows BIGINT, s_truth DOUBLE, s_rep DOUBLE,
-    n_eps BIGINT, n_clean_eps BIGINT, n_bad BIGINT, n_bad_eps BIGINT, bad_multi BIGINT, clean_multi BIGINT);
+    n_eps BIGINT, n_clean_eps BIGINT, n_bad BIGINT, unused BIGINT, bad_multi BIGINT, clean_multi BIGINT);
 CREATE TABLE bad (phase VARCHAR, kind VARCHAR, key VARCHAR, runner_id VARCHAR, episode_id VARCHAR, agent_id VARCHAR,
     module_id VARCHAR, truth DOUBLE, value DOUBLE, diff DOUBLE, chunks BIGINT, missing_report BOOLEAN, ord BIGINT);
 CREATE TABLE bad_t (runner_id VARCHAR, episode_id VARCHAR, agent_id VARCHAR, module_id VARCHAR, earlier DOUBLE, final DOUBLE, first_chunk BIGINT);
@@ -277,16 +279,15 @@ def _scan(con: duckdb.DuckDBPyConnection, run: Run, raw_parts: list[Part], rep_p
         )
     if rep_src:
         con.execute(
-            f"CREATE OR REPLACE TABLE w_rep AS SELECT {rep_cols}, (f.idx << 32) + file_row_number AS ord "
-            f"FROM {rep_src} r JOIN rep_files f USING (filename) {where}"
+            f"INSERT INTO acc_unknown SELECT phase, kind, semantics, count(*) FROM {rep_src} {where} AND semantics <> '{_COUNTED}' GROUP BY ALL;"
+            f"CREATE OR REPLACE TABLE rep AS SELECT {rep_cols}, (f.idx << 32) + file_row_number AS ord "
+            f"FROM {rep_src} r JOIN rep_files f USING (filename) {where} AND semantics = '{_COUNTED}'"
         )
     else:
         con.execute(
-            "CREATE OR REPLACE TABLE w_rep (phase VARCHAR, runner_id VARCHAR, episode_id VARCHAR, kind VARCHAR, agent_id VARCHAR, "
+            "CREATE OR REPLACE TABLE rep (phase VARCHAR, runner_id VARCHAR, episode_id VARCHAR, kind VARCHAR, agent_id VARCHAR, "
             "module_id VARCHAR, value DOUBLE, semantics VARCHAR, metrics_call BIGINT, iteration BIGINT, ord BIGINT)"
         )
-    con.execute(f"INSERT INTO acc_unknown SELECT phase, kind, semantics, count(*) FROM w_rep WHERE semantics <> '{_COUNTED}' GROUP BY ALL")
-    con.execute(f"CREATE OR REPLACE TABLE rep AS SELECT * FROM w_rep WHERE semantics = '{_COUNTED}'; DROP TABLE w_rep")
     con.execute("INSERT INTO acc_phase SELECT DISTINCT phase, true, 0 FROM rep")
     return sum(p.rows for p in raw_parts) + con.execute("SELECT count(*) FROM rep").fetchone()[0]
 
@@ -349,27 +350,29 @@ def _truth(con: duckdb.DuckDBPyConnection, check_late: bool) -> None:
             ) x WHERE w_c.runner_id = x.runner_id AND w_c.episode_id = x.episode_id
             """
         )
-    con.execute("ALTER TABLE w_t DROP COLUMN chunk_bits; ALTER TABLE w_t DROP COLUMN non_finite; ALTER TABLE w_c DROP COLUMN wide")
-    if check_late:
-        late = con.execute(
-            "SELECT count(*), any_value(episode_id) FROM (SELECT DISTINCT runner_id, episode_id FROM w_t UNION SELECT DISTINCT runner_id, episode_id FROM rep) "
-            "WHERE hash(runner_id, episode_id) IN (SELECT h FROM closed)"
-        ).fetchone()
-        if late[0]:
-            raise _LateData(f"{late[0]} episodes (e.g. {late[1]}) have rows in a later iteration than the one that closed them")
-    if con.execute("SELECT count(*) FROM open_t").fetchone()[0]:
+    if con.execute("SELECT count(*) FROM open_c").fetchone()[0]:
+        # Episodes carried from the previous window: merge their partial sums with this
+        # window's (only theirs; the rest of w_t is already final).
         con.execute(
             """
-            CREATE OR REPLACE TABLE t AS
-            SELECT phase, runner_id, episode_id, agent_id, sum(counted) AS counted, sum(pre_obs) AS pre_obs, sum(n_pre_obs)::BIGINT AS n_pre_obs,
-                   arg_max(module_id, last_chunk) AS module_id, max(last_chunk) AS last_chunk,
+            CREATE OR REPLACE TABLE carried AS
+            SELECT any_value(phase) AS phase, runner_id, episode_id, agent_id, sum(counted) AS counted, sum(pre_obs) AS pre_obs,
+                   sum(n_pre_obs)::BIGINT AS n_pre_obs, arg_max(module_id, last_chunk) AS module_id, max(last_chunk) AS last_chunk,
                    arg_max(last_counted, last_chunk) AS last_counted, min(first_chunk) AS first_chunk, bool_or(done) AS done
-            FROM (SELECT * FROM w_t UNION ALL BY NAME SELECT * FROM open_t) GROUP BY ALL;
-            CREATE OR REPLACE TABLE c AS SELECT runner_id, episode_id, sum(chunks)::BIGINT AS chunks FROM (SELECT * FROM w_c UNION ALL BY NAME SELECT * FROM open_c) GROUP BY ALL;
+            FROM (SELECT * FROM w_t SEMI JOIN open_c USING (runner_id, episode_id)
+                  UNION ALL BY NAME SELECT * FROM open_t) GROUP BY runner_id, episode_id, agent_id;
+            DELETE FROM w_t WHERE (runner_id, episode_id) IN (SELECT (runner_id, episode_id) FROM open_c);
+            INSERT INTO w_t BY NAME SELECT * FROM carried;
+            CREATE OR REPLACE TABLE carried AS
+            SELECT runner_id, episode_id, sum(chunks)::BIGINT AS chunks FROM (
+                SELECT runner_id, episode_id, chunks FROM w_c SEMI JOIN open_c USING (runner_id, episode_id)
+                UNION ALL SELECT runner_id, episode_id, chunks FROM open_c) GROUP BY ALL;
+            DELETE FROM w_c WHERE (runner_id, episode_id) IN (SELECT (runner_id, episode_id) FROM open_c);
+            INSERT INTO w_c BY NAME SELECT * FROM carried;
+            DROP TABLE carried;
             """
         )
-    else:
-        con.execute("CREATE OR REPLACE TABLE t AS SELECT * FROM w_t; CREATE OR REPLACE TABLE c AS SELECT * FROM w_c")
+    con.execute("ALTER TABLE w_t RENAME TO t; ALTER TABLE w_c RENAME TO c")
     con.execute(
         """
         CREATE OR REPLACE TABLE ep AS
@@ -381,6 +384,13 @@ def _truth(con: duckdb.DuckDBPyConnection, check_late: bool) -> None:
         CREATE OR REPLACE TABLE rk AS SELECT r.*, ep.eid FROM rep r LEFT JOIN ep USING (runner_id, episode_id);
         """
     )
+    if check_late:
+        late = con.execute(
+            "SELECT count(*), any_value(episode_id) FROM (SELECT runner_id, episode_id FROM ep UNION ALL SELECT DISTINCT runner_id, episode_id FROM rk WHERE eid IS NULL) "
+            "WHERE hash(runner_id, episode_id) IN (SELECT h FROM closed)"
+        ).fetchone()
+        if late[0]:
+            raise _LateData(f"{late[0]} episodes (e.g. {late[1]}) have rows in a later iteration than the one that closed them")
 
 
 def _close(con: duckdb.DuckDBPyConnection, last: bool) -> None:
@@ -449,7 +459,7 @@ def _accumulate(con: duckdb.DuckDBPyConnection, manifest: dict, model: str | Non
         INSERT INTO acc_key
         SELECT phase, kind, key, min(coalesce(ord, 9223372036854775807)), count(*), sum(truth), sum(value),
                count(DISTINCT eid), count(DISTINCT eid) FILTER (WHERE clean),
-               count(*) FILTER (WHERE NOT clean), count(DISTINCT eid) FILTER (WHERE NOT clean),
+               count(*) FILTER (WHERE NOT clean), 0,
                count(*) FILTER (WHERE NOT clean AND chunks > 1), count(*) FILTER (WHERE clean AND chunks > 1)
         FROM cmp GROUP BY ALL;
         CREATE OR REPLACE TABLE w_bad AS SELECT * FROM cmp WHERE NOT clean;
@@ -479,7 +489,7 @@ def _accumulate(con: duckdb.DuckDBPyConnection, manifest: dict, model: str | Non
             "FROM tk x JOIN ep e USING (eid) WHERE e.reported"
         )
     # ---- dashboard windows (see dashboard.py for the models)
-    con.execute("CREATE OR REPLACE TABLE shown AS SELECT * FROM cmp WHERE NOT missing_report")
+    con.execute("CREATE OR REPLACE VIEW shown AS SELECT * FROM cmp WHERE NOT missing_report")
     con.execute("INSERT INTO dash_its SELECT phase, kind, sel_key, iteration, count(*), min(truth), max(truth) FROM shown GROUP BY ALL")
     if model == "per_call_window":
         train_runners = int(manifest.get("num_env_runners") or 0)
@@ -593,13 +603,13 @@ def _findings(run: Run, state: _State, max_evidence: int) -> list[Finding]:
 
     keys = con.execute(
         "SELECT phase, kind, key, min(first_ord) AS o, sum(n_rows)::BIGINT, sum(s_truth), sum(s_rep), sum(n_eps)::BIGINT, sum(n_clean_eps)::BIGINT, "
-        "sum(n_bad)::BIGINT, sum(n_bad_eps)::BIGINT, sum(bad_multi)::BIGINT, sum(clean_multi)::BIGINT FROM acc_key GROUP BY ALL ORDER BY o, phase, kind, key"
+        "sum(n_bad)::BIGINT, 0, sum(bad_multi)::BIGINT, sum(clean_multi)::BIGINT FROM acc_key GROUP BY ALL ORDER BY o, phase, kind, key"
     ).fetchall()
     bad = con.execute("SELECT * FROM bad ORDER BY phase, kind, key, CASE WHEN isnan(diff) THEN 1 ELSE 0 END, abs(diff) DESC, ord NULLS LAST, runner_id, episode_id").df()
     feats = con.execute("SELECT * FROM bad_t ORDER BY runner_id, episode_id, first_chunk, agent_id").df()
     groups = {k: g for k, g in feats.groupby(["runner_id", "episode_id"], sort=False)}
     bad_by_key = {k: g for k, g in bad.groupby(["phase", "kind", "key"], sort=False)}
-    for phase, kind, key, _, n_rows, s_truth, s_rep, n_eps, n_clean_eps, n_bad, n_bad_eps, bad_multi, clean_multi in keys:
+    for phase, kind, key, _, n_rows, s_truth, s_rep, n_eps, n_clean_eps, n_bad, _, bad_multi, clean_multi in keys:
         truth, reported = s_truth / n_rows, s_rep / n_rows
         rows = bad_by_key.get((phase, kind, key))
         if not n_bad or rows is None:
