@@ -154,8 +154,9 @@ def _connect() -> tuple[duckdb.DuckDBPyConnection, tempfile.TemporaryDirectory]:
     tmp = tempfile.TemporaryDirectory(prefix="reward_audit_")
     # In memory, bounded by ``memory_limit``; DuckDB spills what does not fit to ``tmp``.
     con = duckdb.connect(
-        config={"memory_limit": MEMORY_LIMIT, "temp_directory": tmp.name, "preserve_insertion_order": False, "enable_progress_bar": False}
+        config={"memory_limit": MEMORY_LIMIT, "temp_directory": tmp.name, "preserve_insertion_order": False}
     )
+    con.execute("SET enable_progress_bar = false")  # it would write to stdout
     return con, tmp
 
 
