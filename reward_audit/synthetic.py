@@ -108,7 +108,7 @@ def _iterations(
             pending.append({"iteration": it + c, "chunk": c, "rows": live.nonzero()[0], "ids": ids, "runner": runner, "chunks": chunks, "rewards": rewards})
         now = [p for p in pending if p["iteration"] == it]
         pending = [p for p in pending if p["iteration"] != it]
-        raw_parts, rep_parts, dash = [], [], []
+        raw_parts, rep_parts = [], []
         injected = 0
         for p in now:
             rows = p["rows"]
