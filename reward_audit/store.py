@@ -125,6 +125,7 @@ class Part:
     first_iteration: int
     last_iteration: int
     replaces: tuple[str, ...] = ()  # part names a compacted part stands for
+    groups: tuple[tuple[int, int, int], ...] = ()  # per row group: (first iteration, last iteration, rows)
 
 
 @dataclass(frozen=True, eq=False)
@@ -277,21 +278,23 @@ def _inspect(fs: pafs.FileSystem, file: str, name: str) -> Part:
             pa.types.is_dictionary(actual) and actual.value_type == f.type
         ):
             raise InvalidDataError(f"{file}: column `{f.name}` is {actual}, expected {f.type}; the file was not written by reward_audit, re-record the run")
-    lo, hi = _iteration_range(meta, arrow_schema.get_field_index("iteration"))
+    groups = _row_groups(meta, arrow_schema.get_field_index("iteration"))
+    lo, hi = (min(g[0] for g in groups), max(g[1] for g in groups)) if groups else (0, -1)
     replaces = (arrow_schema.metadata or {}).get(_REPLACES_KEY)
-    return Part(file, meta.num_rows, lo, hi, tuple(json.loads(replaces)) if replaces else ())
+    return Part(file, meta.num_rows, lo, hi, tuple(json.loads(replaces)) if replaces else (), groups)
 
 
-def _iteration_range(meta: pq.FileMetaData, column: int) -> tuple[int, int]:
-    """The iterations a part holds, from its row-group statistics (unknown: all)."""
-    lo, hi = None, None
+def _row_groups(meta: pq.FileMetaData, column: int) -> tuple[tuple[int, int, int], ...]:
+    """Per row group: the iterations it holds (from its statistics; unknown: all) and rows."""
+    groups = []
     for i in range(meta.num_row_groups):
-        stats = meta.row_group(i).column(column).statistics
+        group = meta.row_group(i)
+        stats = group.column(column).statistics
         if stats is None or not stats.has_min_max:
-            return -(2**62), 2**62
-        lo = stats.min if lo is None else min(lo, stats.min)
-        hi = stats.max if hi is None else max(hi, stats.max)
-    return (lo or 0, hi or 0) if lo is not None else (0, -1)
+            groups.append((-(2**62), 2**62, group.num_rows))
+        else:
+            groups.append((int(stats.min), int(stats.max), group.num_rows))
+    return tuple(groups)
 
 
 def _parts(fs: pafs.FileSystem, path: str, name: str) -> tuple[Part, ...]:

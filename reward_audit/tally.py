@@ -227,18 +227,27 @@ def _read_parts(run: Run, parts: list[Part], columns: list[str], a: int, b: int,
     tables, files, file_of = [], [], []
     strings = [c for c in columns if c in _STRINGS]
     for part in parts:
+        # Only the row groups that hold iterations of this window (a compacted part has one
+        # row group per original part).
+        offsets = np.concatenate([[0], np.cumsum([g[2] for g in part.groups])]).astype(np.int64)
+        wanted = [i for i, g in enumerate(part.groups) if g[1] >= a and g[0] <= b]
         try:
             with run.filesystem.open_input_file(part.path) as f:
-                t = pq.read_table(f, columns=columns, read_dictionary=strings)
+                if len(wanted) == len(part.groups):
+                    t = pq.read_table(f, columns=columns, read_dictionary=strings)
+                else:
+                    t = pq.ParquetFile(f, read_dictionary=strings).read_row_groups(wanted, columns=columns)
         except (pa.ArrowInvalid, OSError) as e:
             raise CorruptRunError(f"{part.path}: unreadable Parquet ({str(e).splitlines()[0]}); the file is damaged — delete it to audit the rest, or re-record the run") from e
         rownum = None
-        if part.first_iteration < a or part.last_iteration > b:
+        if len(wanted) < len(part.groups):  # row numbers within the file
+            rownum = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in wanted]) if wanted else np.zeros(0, np.int64)
+        if any(part.groups[i][0] < a or part.groups[i][1] > b for i in wanted):
             it = t.column("iteration")
-            mask = pc.and_(pc.greater_equal(it, a), pc.less_equal(it, b))
+            mask = pc.and_(pc.greater_equal(it, a), pc.less_equal(it, b)).to_numpy(zero_copy_only=False)
             if with_ord is not None:
-                rownum = np.flatnonzero(mask.to_numpy(zero_copy_only=False))
-            t = t.filter(mask)
+                rownum = (np.arange(t.num_rows) if rownum is None else rownum)[mask]
+            t = t.filter(pa.array(mask))
         if with_ord is not None:
             n = t.num_rows
             base = np.int64(with_ord[part.path]) << np.int64(32)

@@ -182,3 +182,41 @@ def test_unexpected_error_is_one_line_not_a_traceback(tmp_path, monkeypatch):
     result = invoke("compare", path)
     assert result.exit_code == 2
     assert result.output.strip() == f"Error: {path}: could not audit (KeyError: 'boom'); rerun with `REWARD_AUDIT_DEBUG=1` for the traceback and report it"
+
+
+def test_progress_on_a_terminal_only(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from reward_audit.cli import audit_all
+    from reward_audit.synthetic import generate_run
+
+    generate_run(str(tmp_path), iterations=4, episodes_per_iteration=8)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    audit_all(str(tmp_path), 1e-6, 1e-5, progress=True)
+    shown = capsys.readouterr()
+    assert "reward-audit:" in shown.err and "window 1/1" in shown.err and shown.out == ""
+    audit_all(str(tmp_path), 1e-6, 1e-5, progress=False)  # --json: never
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)  # piped: never
+    audit_all(str(tmp_path), 1e-6, 1e-5, progress=True)
+    assert capsys.readouterr().err == ""
+
+
+def test_json_output_has_no_progress_or_stray_text(tmp_path):
+    from reward_audit.synthetic import generate_run
+
+    generate_run(str(tmp_path), iterations=3, episodes_per_iteration=8, inject="leak", inject_every=1)
+    result = CliRunner().invoke(main, ["compare", str(tmp_path), "--json"])
+    assert result.exit_code == 1
+    assert isinstance(json.loads(result.stdout), list)
+
+
+def test_compact_command(tmp_path):
+    from reward_audit.synthetic import generate_run
+
+    generate_run(str(tmp_path), iterations=5, episodes_per_iteration=8)
+    before = invoke("compare", str(tmp_path)).output
+    result = invoke("compact", str(tmp_path))
+    assert result.exit_code == 0 and "raw_rewards: 5 parts -> 1" in result.output
+    assert invoke("compact", str(tmp_path)).output.startswith("raw_rewards: 1 parts -> 1")
+    assert invoke("compare", str(tmp_path)).output == before

@@ -130,6 +130,11 @@ def test_compact_is_atomic_idempotent_and_changes_no_verdict(tmp_path):
     after = compare(str(tmp_path))
     assert [_finding_key(f) for f in after.findings] == [_finding_key(f) for f in before.findings]
     assert [d.summary() for d in after.dashboard] == [d.summary() for d in before.dashboard]
+    # Streamed over the compacted part's row groups (one per original part), window by window.
+    streamed = compare(str(tmp_path), window_rows=100)
+    assert streamed.stats["windows"] >= 4
+    assert [_finding_key(f) for f in streamed.findings] == [_finding_key(f) for f in before.findings]
+    assert [d.summary() for d in streamed.dashboard] == [d.summary() for d in before.dashboard]
 
 
 def test_episodes_frame_on_demand(tmp_path):
