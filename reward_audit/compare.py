@@ -33,10 +33,10 @@ import pandas as pd
 
 from .attribution import explain, feature_row, fit
 from .audit import FAILURES, SEVERITY, Audit, Evidence, Finding, Verdict
-from .dashboard import build_dashboard, dashboard_rows
+from .dashboard import build_dashboard, dashboard_frame, dashboard_rows
 from .schema import Kind, Phase
 from .store import Run, load_run
-from .tally import LateData, Progress, Tally, dashboard_frame, tally
+from .tally import LateData, Progress, Tally, tally
 
 __all__ = ["compare", "episodes_frame", "Audit", "Finding", "Evidence", "Verdict", "FAILURES", "EXPLAIN_LIMIT"]
 
@@ -72,7 +72,7 @@ def compare(
     if progress:
         progress("dashboards", 0.99)
     iterations, dash_notes = dashboard_rows(run)
-    dashboard = build_dashboard(run, dashboard_frame(result), iterations, atol=atol, rtol=rtol)
+    dashboard = build_dashboard(run, dashboard_frame(result.dash_calls, result.dash_its), iterations, atol=atol, rtol=rtol)
     stats = {"windows": result.windows, "raw_rows": run.rows("raw_rewards"), "reported_rows": run.rows("reported_episodes"), "rows_read": result.rows_read, "seconds": time.perf_counter() - start}
     return Audit(
         run.path,

@@ -163,3 +163,122 @@ def build_dashboard(run, windows: pd.DataFrame, iterations: pd.DataFrame, *, ato
         key = None if isinstance(key, float) and math.isnan(key) else key
         series.append(DashboardSeries(phase, path, kind, key, table))
     return series
+
+
+# --------------------------------------------------------------------------- window reductions (compare streams these)
+
+
+def per_call_windows(g2: np.ndarray, n_series: int, runner: np.ndarray, call: np.ndarray, value: np.ndarray, truth: np.ndarray, evaluation: np.ndarray,
+                     train_window: int, eval_window: int, discard_last_eval_call: bool) -> dict[str, np.ndarray]:
+    """``per_call_window`` (Ray 2.4x+ new stack): each runner keeps the last
+    ceil(S / runners) values per key and every get_metrics() call reduces and clears them;
+    an iteration shows the mean of the per-(runner, call) means (min of mins, max of
+    maxes). Inputs are one window's reported values in RLlib's order, ``g2`` numbering their
+    (series, iteration); returns per (series, iteration) the reduced reported and true values."""
+    G2 = n_series
+    n_runners = int(runner.max()) + 1 if len(runner) else 1
+    g1, g1_keys = pd.factorize((g2.astype(np.int64) * (n_runners + 1) + runner) * (int(call.max()) - int(call.min()) + 1) + (call - int(call.min())))
+    G1 = len(g1_keys)
+    order = np.argsort(g1, kind="stable")  # rows are in RLlib's order already
+    sizes = np.bincount(g1, minlength=G1)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    from_end = np.empty(len(g1), np.int64)
+    from_end[order] = sizes[g1[order]] - 1 - (np.arange(len(g1)) - starts[g1[order]])
+    keep = from_end < np.where(evaluation, eval_window, train_window)
+    g1_g2 = np.zeros(G1, np.int64)
+    g1_g2[g1] = g2
+    if discard_last_eval_call and evaluation.any():  # the driver never reads each remote runner's last evaluation call
+        rk = g2.astype(np.int64) * (n_runners + 1) + runner
+        last = pd.Series(call).groupby(rk).transform("max").to_numpy()
+        keep &= ~(evaluation & (call == last))
+    g, v, t = g1[keep], value[keep], truth[keep]
+    n = np.bincount(g, minlength=G1)
+    has = n > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r_mean, t_mean = np.bincount(g, weights=v, minlength=G1) / n, np.bincount(g, weights=t, minlength=G1) / n
+    r_min, r_max, t_min, t_max = np.full(G1, np.inf), np.full(G1, -np.inf), np.full(G1, np.inf), np.full(G1, -np.inf)
+    np.minimum.at(r_min, g, v)
+    np.maximum.at(r_max, g, v)
+    np.minimum.at(t_min, g, t)
+    np.maximum.at(t_max, g, t)
+    # Per (series, iteration): mean of the per-call means, min of mins, max of maxes.
+    h = g1_g2[has]
+    m = np.bincount(h, minlength=G2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = {"r_mean": np.bincount(h, weights=r_mean[has], minlength=G2) / m, "t_mean": np.bincount(h, weights=t_mean[has], minlength=G2) / m}
+    for name, src, ufunc, init in (("r_min", r_min, np.minimum, np.inf), ("r_max", r_max, np.maximum, -np.inf), ("t_min", t_min, np.minimum, np.inf), ("t_max", t_max, np.maximum, -np.inf)):
+        acc = np.full(G2, init)
+        ufunc.at(acc, h, src[has])
+        out[name] = np.where(m > 0, acc, np.nan)
+    return out
+
+
+def _reduce(frame: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    g = frame.groupby(by, sort=False)
+    return pd.DataFrame(
+        {
+            "r_mean": g["value"].mean(),
+            "r_min": g["value"].min(),
+            "r_max": g["value"].max(),
+            "t_mean": g["truth"].mean(),
+            "t_min": g["truth"].min(),
+            "t_max": g["truth"].max(),
+        }
+    ).reset_index()
+
+
+def driver_history_windows(frame: pd.DataFrame, hist: pd.DataFrame | None, displayed: pd.DataFrame, S: int, a: int, b: int) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """``driver_history`` (Ray 2.1x / old stack): an iteration covers the last max(S, new)
+    episodes (training), or that iteration's episodes (evaluation). ``frame``: one window's
+    reported values with runner and episode ids, in RLlib's order; ``hist``: the last S
+    episodes' values per series from earlier windows. Returns the reduced values per
+    (series, iteration) of the iterations ``a..b`` the dashboard showed, and the new ``hist``."""
+    parts = [_reduce(frame[frame["phase"] == "evaluation"], ["phase", "kind", "sel_key", "iteration"])]
+    train = frame[frame["phase"] != "evaluation"]
+    if hist is not None:
+        train = pd.concat([hist, train], ignore_index=True)
+    disp = displayed
+    disp = disp[(disp["phase"] != "evaluation") & (disp["iteration"] >= a) & (disp["iteration"] <= b)]
+    disp = disp.assign(sel_key=disp["key"].where(disp["kind"] != Kind.EPISODE.value, None))
+    disp["sel_key"] = disp["sel_key"].astype(object).where(disp["sel_key"].notna(), "\x00none")
+    rows, carry = [], []
+    for (phase, kind, sel), g in train.groupby(["phase", "kind", "sel_key"], sort=False):
+        g = g.sort_values("ord", kind="stable")
+        first = g.drop_duplicates(["runner", "episode"])
+        pos = pd.Series(np.arange(1, len(first) + 1), index=pd.MultiIndex.from_frame(first[["runner", "episode"]]))
+        g_pos = pos.reindex(pd.MultiIndex.from_frame(g[["runner", "episode"]])).to_numpy()
+        ep_it = first["iteration"].to_numpy()
+        want = disp[(disp["phase"] == phase) & (disp["kind"] == kind) & (disp["sel_key"] == sel)]["iteration"].unique()
+        for it in sorted(want):
+            upto = ep_it <= it
+            if not upto.any():
+                continue
+            hi = int(np.arange(1, len(first) + 1)[upto].max())
+            lo = hi - max(S, int((ep_it == it).sum()))
+            sel_rows = g[(g_pos > lo) & (g_pos <= hi)]
+            rows.append(
+                {
+                    "phase": phase, "kind": kind, "sel_key": sel, "iteration": it,
+                    "r_mean": sel_rows["value"].mean(), "r_min": sel_rows["value"].min(), "r_max": sel_rows["value"].max(),
+                    "t_mean": sel_rows["truth"].mean(), "t_min": sel_rows["truth"].min(), "t_max": sel_rows["truth"].max(),
+                }
+            )
+        carry.append(g[g_pos > len(first) - S])
+    hist = pd.concat(carry, ignore_index=True) if carry else hist
+    parts.append(pd.DataFrame(rows))
+    return (pd.concat([p for p in parts if len(p)], ignore_index=True) if any(len(p) for p in parts) else pd.DataFrame()), hist
+
+
+def dashboard_frame(dash_calls: list[pd.DataFrame], dash_its: list[pd.DataFrame]) -> pd.DataFrame:
+    """Per (phase, kind, key, iteration): RLlib's values and the truth, reduced over what
+    the iteration's dashboard value covers, and the truth range of its episodes."""
+    calls = [f for f in dash_calls if len(f)]
+    its = [f for f in dash_its if len(f)]
+    if not calls and not its:
+        return pd.DataFrame()
+    keys = ["phase", "kind", "sel_key", "iteration"]
+    c = pd.concat(calls, ignore_index=True) if calls else pd.DataFrame(columns=keys + ["r_mean", "r_min", "r_max", "t_mean", "t_min", "t_max"])
+    i = pd.concat(its, ignore_index=True).groupby(keys, sort=False).agg(low=("low", "min"), high=("high", "max")).reset_index() if its else pd.DataFrame(columns=keys + ["low", "high"])
+    merged = c.merge(i, on=keys, how="outer")
+    merged["sel_key"] = merged["sel_key"].where(merged["sel_key"] != "\x00none", None)
+    return merged

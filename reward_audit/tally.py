@@ -1,11 +1,9 @@
 """The reconciliation pass behind ``compare``: columnar, streamed by iteration window, in
-bounded memory. Pure numpy / pyarrow; no Ray, no per-row Python.
+bounded memory. numpy / pyarrow; no Ray, no per-row Python.
 
 Per window of iterations (about ``window_rows`` raw rows):
 
-1. ``_read`` — the window's raw and reported rows, string ids read as Parquet dictionaries
-   and unified into one integer code space (episode, runner, agent, module), so every
-   group-by below is ``np.bincount`` over dense integers;
+1. ``read_window`` (window.py) — the window's raw and reported rows as integer-coded arrays;
 2. ``_truth`` — per (episode, agent): counted sum (every reward minus those paid before or
    with the agent's first observation), pre-observation sum, final-chunk sum, module (the
    last non-null one), first chunk; per episode: chunks, done, phase;
@@ -16,8 +14,8 @@ Per window of iterations (about ``window_rows`` raw rows):
    reported value, expected values it never reported, reported episodes with no raw rows;
 5. ``_tally`` — per key: counts and sums; the wrong values with the largest differences
    (at most ``explain_limit`` per key) and their episodes' per-agent features; excluded
-   rewards; unreported episodes; the dashboard windows (``_dashboard_calls``,
-   ``_driver_history``).
+   rewards; unreported episodes; ``_dashboard``: what each iteration's dashboard value
+   covers (the window models live in dashboard.py).
 
 Memory holds one window (plus the carried running episodes and the bounded tallies), so
 peak RSS does not grow with the run's length. If data of an episode turns up after the
@@ -29,26 +27,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from .errors import CorruptRunError, InvalidDataError
-from . import schema
-from .schema import Kind, Semantics
-from .store import Part, Run
-
-KINDS = [Kind.AGENT.value, Kind.MODULE.value, Kind.POLICY.value, Kind.EPISODE.value]  # codes 0..3; 4 = any other kind
-AGENT, MODULE, POLICY, EPISODE, OTHER = range(5)
-RAW_COLUMNS = ["phase", "runner_id", "episode_id", "agent_id", "chunk_seq", "module_id", "reward", "pre_obs_reward", "n_pre_obs", "episode_done", "iteration"]
-REP_COLUMNS = ["phase", "runner_id", "episode_id", "kind", "agent_id", "module_id", "value", "semantics", "metrics_call", "iteration"]
-_STRINGS = {"phase", "runner_id", "episode_id", "agent_id", "module_id", "kind", "semantics"}
-_DICT = pa.dictionary(pa.int32(), pa.string())
-_CANONICAL = {f.name: f.type for table in (schema.RAW_REWARDS, schema.REPORTED_EPISODES) for f in table}
+from .dashboard import driver_history_windows, per_call_windows
+from .store import Run
+from .window import AGENT, EPISODE, KINDS, MODULE, OTHER, POLICY, KeyMap, Window, factorize, read_window
 
 Progress = Callable[[str, float], None]
 
@@ -118,7 +105,10 @@ def _tally_run(run: Run, atol: float, rtol: float, window_rows: int | None, expl
             progress(f"window {i + 1}/{len(windows)} (iterations {a}-{b})", i / max(len(windows), 1))
         raw_parts = [p for p in run.parts.get("raw_rewards", ()) if p.last_iteration >= a and p.first_iteration <= b]
         reps = [p for p in rep_parts if p.last_iteration >= a and p.first_iteration <= b]
-        w = _read(run, raw_parts, reps, a, b, carried, ctx, out)
+        w = read_window(run, raw_parts, reps, a, b, carried, ctx.rep_index)
+        out.rows_read += w.rows_read
+        for k, n in w.unknown.items():
+            out.unknown[k] = out.unknown.get(k, 0) + n
         _truth(w)
         carried = _close(w, last=i == len(windows) - 1, check_late=check_late, ctx=ctx)
         _match(w, ctx)
@@ -166,207 +156,10 @@ class _Context:
     hist: pd.DataFrame | None = None  # driver_history: the last S episodes' rows per series
 
 
-class _Window:
-    """One window's arrays (all integer-coded); attributes are filled step by step."""
-
-    def __getattr__(self, name: str) -> Any:  # pragma: no cover - a missing step is a bug
-        raise AttributeError(name)
-
-
-# --------------------------------------------------------------------------- dense integer keys
-
-_DENSE_LIMIT = 1 << 27  # key spaces up to this size use arrays, not hash tables
-
-
-def factorize(keys: np.ndarray, space: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(codes, uniques)`` of non-negative integer ``keys < space``: an O(n) array pass when
-    the key space is small enough (the usual case: dense dictionary codes), else hashing."""
-    keys = np.asarray(keys, dtype=np.int64)
-    if 0 < space <= min(max(1 << 22, 16 * len(keys)), 4 * _DENSE_LIMIT):
-        present = np.zeros(space, bool)
-        present[keys] = True
-        rank = np.cumsum(present, dtype=np.int64) - 1
-        return rank[keys], np.flatnonzero(present)
-    codes, uniques = pd.factorize(keys)
-    return codes.astype(np.int64), np.asarray(uniques, dtype=np.int64)
-
-
-class KeyMap:
-    """Integer key -> a position in ``uniques`` (-1 if absent), by array when dense.
-    ``uniques`` may repeat keys when only membership (``has``) is asked."""
-
-    def __init__(self, uniques: np.ndarray, space: int):
-        self.space = space
-        self.empty = len(uniques) == 0
-        if 0 < space <= min(max(1 << 22, 16 * len(uniques)), 4 * _DENSE_LIMIT):
-            self.table = np.full(space, -1, np.int64)
-            self.table[uniques] = np.arange(len(uniques))
-            self.index = None
-        else:
-            self.table, self.index = None, pd.Index(pd.unique(np.asarray(uniques, dtype=np.int64)))
-
-    def __call__(self, keys: np.ndarray) -> np.ndarray:
-        keys = np.asarray(keys, dtype=np.int64)
-        if self.empty:
-            return np.full(len(keys), -1, np.int64)
-        if self.table is None:
-            return self.index.get_indexer(keys) if len(keys) else np.zeros(0, np.int64)
-        out = np.full(len(keys), -1, np.int64)
-        ok = (keys >= 0) & (keys < self.space)
-        out[ok] = self.table[keys[ok]]
-        return out
-
-    def has(self, keys: np.ndarray) -> np.ndarray:
-        return self(keys) >= 0
-
-
-# --------------------------------------------------------------------------- 1. read
-
-
-def _read_parts(run: Run, parts: list[Part], columns: list[str], a: int, b: int, with_ord: dict | None) -> tuple[pa.Table, np.ndarray, list[str]]:
-    tables, files, file_of = [], [], []
-    strings = [c for c in columns if c in _STRINGS]
-    for part in parts:
-        # Only the row groups that hold iterations of this window (a compacted part has one
-        # row group per original part).
-        offsets = np.concatenate([[0], np.cumsum([g[2] for g in part.groups])]).astype(np.int64)
-        wanted = [i for i, g in enumerate(part.groups) if g[1] >= a and g[0] <= b]
-        try:
-            with run.filesystem.open_input_file(part.path) as f:
-                if len(wanted) == len(part.groups):
-                    t = pq.read_table(f, columns=columns, read_dictionary=strings)
-                else:
-                    t = pq.ParquetFile(f, read_dictionary=strings).read_row_groups(wanted, columns=columns)
-        except (pa.ArrowInvalid, OSError) as e:
-            raise CorruptRunError(f"{part.path}: unreadable Parquet ({str(e).splitlines()[0]}); the file is damaged — delete it to audit the rest, or re-record the run") from e
-        rownum = None
-        if len(wanted) < len(part.groups):  # row numbers within the file
-            rownum = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in wanted]) if wanted else np.zeros(0, np.int64)
-        if any(part.groups[i][0] < a or part.groups[i][1] > b for i in wanted):
-            it = t.column("iteration")
-            mask = pc.and_(pc.greater_equal(it, a), pc.less_equal(it, b)).to_numpy(zero_copy_only=False)
-            if with_ord is not None:
-                rownum = (np.arange(t.num_rows) if rownum is None else rownum)[mask]
-            t = t.filter(pa.array(mask))
-        if with_ord is not None:
-            n = t.num_rows
-            base = np.int64(with_ord[part.path]) << np.int64(32)
-            order = base + (np.arange(n, dtype=np.int64) if rownum is None else rownum.astype(np.int64))
-            t = t.append_column("ord", pa.array(order, pa.int64()))
-        typed = _typed(t.schema)
-        tables.append(t if t.schema.equals(typed) else t.cast(typed))
-        file_of.append(np.full(t.num_rows, len(files), dtype=np.int32))
-        files.append(part.path)
-    if not tables:
-        return None, np.zeros(0, np.int32), files  # type: ignore[return-value]
-    return pa.concat_tables(tables), np.concatenate(file_of), files
-
-
-def _typed(schema: pa.Schema) -> pa.Schema:
-    """Dictionary-encoded strings, the schema's own integer widths (a no-op for parts
-    reward_audit wrote), float64 values: one type per column."""
-    fields = []
-    for f in schema:
-        if f.name in _STRINGS:
-            fields.append(pa.field(f.name, _DICT))
-        elif pa.types.is_integer(f.type):
-            fields.append(pa.field(f.name, _CANONICAL.get(f.name, pa.int64())))
-        elif pa.types.is_floating(f.type):
-            fields.append(pa.field(f.name, pa.float64()))
-        else:
-            fields.append(f)
-    return pa.schema(fields)
-
-
-def _codes(*columns: pa.ChunkedArray | None) -> tuple[list[np.ndarray], np.ndarray]:
-    """Integer codes (-1 for null) of string columns in one shared code space, and the
-    dictionary (object array) they index."""
-    chunks, lengths = [], []
-    for col in columns:
-        col_chunks = [] if col is None else [c if pa.types.is_dictionary(c.type) else c.dictionary_encode() for c in col.chunks]
-        col_chunks = [c.cast(_DICT) for c in col_chunks]
-        chunks += col_chunks
-        lengths.append(len(col_chunks))
-    if not chunks:
-        return [np.zeros(0, np.int64) for _ in columns], np.zeros(0, dtype=object)
-    unified = pa.chunked_array(chunks, type=_DICT).unify_dictionaries()
-    dictionary = unified.chunk(0).dictionary.to_numpy(zero_copy_only=False)
-    codes = [pc.fill_null(c.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64) for c in unified.chunks]
-    out, i = [], 0
-    for n in lengths:
-        out.append(np.concatenate(codes[i : i + n]) if n else np.zeros(0, np.int64))
-        i += n
-    return out, dictionary
-
-
-def _read(run: Run, raw_parts: list[Part], rep_parts: list[Part], a: int, b: int, carried: pa.Table | None, ctx: _Context, out: Tally) -> _Window:
-    w = _Window()
-    raw, w.raw_file, w.raw_files = _read_parts(run, raw_parts, RAW_COLUMNS, a, b, None)
-    if carried is not None and carried.num_rows:
-        carried_files = carried.column("file").to_numpy(zero_copy_only=False)
-        carried = carried.drop_columns(["file"]).cast(_typed(carried.drop_columns(["file"]).schema))
-        offset = len(w.raw_files)
-        names = sorted(set(carried_files))
-        w.raw_files += names
-        w.raw_file = np.concatenate([w.raw_file, offset + np.searchsorted(names, carried_files)]).astype(np.int32)
-        raw = carried if raw is None else pa.concat_tables([raw, carried.cast(raw.schema)])
-    rep, _, w.rep_files = _read_parts(run, rep_parts, REP_COLUMNS, a, b, ctx.rep_index)
-    out.rows_read += (raw.num_rows if raw is not None else 0) + (rep.num_rows if rep is not None else 0)
-    if rep is not None:  # values this reward_audit cannot rebuild are counted, not compared
-        (codes,), values = _codes(rep.column("semantics"))
-        known = pa.array(values[codes] == Semantics.EPISODE_SUM_COUNTED.value) if len(codes) else pa.array([], pa.bool_())
-        other = rep.filter(pc.invert(known))
-        if other.num_rows:
-            for (phase, kind, s), n in other.select(["phase", "kind", "semantics"]).to_pandas().astype(str).value_counts(sort=False).items():
-                out.unknown[(phase, kind, s)] = out.unknown.get((phase, kind, s), 0) + int(n)
-        rep = rep.filter(known)
-    nraw = raw.num_rows if raw is not None else 0
-    nrep = rep.num_rows if rep is not None else 0
-    col = lambda t, name: None if t is None else t.column(name)  # noqa: E731
-    (w.r_runner, w.p_runner), w.runners = _codes(col(raw, "runner_id"), col(rep, "runner_id"))
-    (w.r_episode, w.p_episode), w.episodes = _codes(col(raw, "episode_id"), col(rep, "episode_id"))
-    (w.r_agent, w.p_agent), w.agents = _codes(col(raw, "agent_id"), col(rep, "agent_id"))
-    (w.r_module, w.p_module), w.modules = _codes(col(raw, "module_id"), col(rep, "module_id"))
-    (w.r_phase, w.p_phase), w.phases = _codes(col(raw, "phase"), col(rep, "phase"))
-    (w.p_kind_code,), kinds = _codes(col(rep, "kind"))
-    kind_map = np.array([KINDS.index(k) if k in KINDS else OTHER for k in kinds] + [OTHER], dtype=np.int64)
-    w.p_kind = kind_map[w.p_kind_code] if nrep else np.zeros(0, np.int64)
-    w.kind_names = np.array(list(kinds) + ["?"], dtype=object)
-    w.p_kind_name = w.p_kind_code
-    num = lambda t, name, dtype: np.zeros(0, dtype) if t is None else t.column(name).to_numpy().astype(dtype, copy=False)  # noqa: E731
-    w.chunk = num(raw, "chunk_seq", np.int64)
-    w.reward = num(raw, "reward", np.float64)
-    w.pre = num(raw, "pre_obs_reward", np.float64)
-    w.npre = num(raw, "n_pre_obs", np.int64)
-    w.done = num(raw, "episode_done", bool)
-    w.r_iteration = num(raw, "iteration", np.int64)
-    w.value = num(rep, "value", np.float64)
-    w.call = num(rep, "metrics_call", np.int64)
-    w.p_iteration = num(rep, "iteration", np.int64)
-    w.ord = num(rep, "ord", np.int64)
-    bad = ~(np.isfinite(w.reward) & np.isfinite(w.pre))
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        column, value = ("reward", w.reward[i]) if not np.isfinite(w.reward[i]) else ("pre_obs_reward", w.pre[i])
-        raise InvalidDataError(
-            f"{w.raw_files[w.raw_file[i]]}: {int(bad.sum())} raw reward rows with non-finite `{column}` (first: episode {w.episodes[w.r_episode[i]]}, "
-            f"value {value}); the env returned NaN/inf rewards, which no return can be checked against — fix the env's `step()`"
-        )
-    # Episodes: (runner, episode id) pairs, raw and reported, numbered 0..E-1.
-    nr = max(len(w.runners), 1)
-    keys = np.concatenate([w.r_episode * nr + w.r_runner, w.p_episode * nr + w.p_runner])
-    eid, uniques = factorize(keys, max(len(w.episodes), 1) * nr)
-    w.E = len(uniques)
-    w.r_eid, w.p_eid = eid[:nraw], eid[nraw:]
-    w.ep_runner = (uniques % nr).astype(np.int64)
-    w.ep_episode = (uniques // nr).astype(np.int64)
-    return w
-
-
 # --------------------------------------------------------------------------- 2. truth
 
 
-def _truth(w: _Window) -> None:
+def _truth(w: Window) -> None:
     E, na = w.E, max(len(w.agents), 1)
     counted_row = w.reward - w.pre
     w.has_raw = np.bincount(w.r_eid, minlength=E) > 0
@@ -408,7 +201,7 @@ def _truth(w: _Window) -> None:
 # --------------------------------------------------------------------------- 3. close
 
 
-def _close(w: _Window, last: bool, check_late: bool, ctx: _Context) -> pa.Table | None:
+def _close(w: Window, last: bool, check_late: bool, ctx: _Context) -> pa.Table | None:
     """Close what finished or was reported; return the raw rows of the rest."""
     E = w.E
     w.reported = np.bincount(w.p_eid, minlength=E) > 0
@@ -455,7 +248,7 @@ def _close(w: _Window, last: bool, check_late: bool, ctx: _Context) -> pa.Table 
 # --------------------------------------------------------------------------- 4. match
 
 
-def _match(w: _Window, ctx: _Context) -> None:
+def _match(w: Window, ctx: _Context) -> None:
     """Compared values: arrays c_* (reported values with truth, then expected values RLlib
     never reported). Reported values of episodes with no raw rows are orphans."""
     E, na, nm = w.E, max(len(w.agents), 1), len(w.modules) + 1
@@ -532,7 +325,7 @@ def _match(w: _Window, ctx: _Context) -> None:
 # --------------------------------------------------------------------------- 5. tally
 
 
-def _names(w: _Window, kind: np.ndarray, sel: np.ndarray) -> np.ndarray:
+def _names(w: Window, kind: np.ndarray, sel: np.ndarray) -> np.ndarray:
     agents = np.append(w.agents, None).astype(object)
     modules = np.append(w.modules, None).astype(object)
     out = np.full(len(sel), "return", dtype=object)
@@ -542,7 +335,7 @@ def _names(w: _Window, kind: np.ndarray, sel: np.ndarray) -> np.ndarray:
     return out
 
 
-def _tally(w: _Window, ctx: _Context, out: Tally, a: int, b: int) -> None:
+def _tally(w: Window, ctx: _Context, out: Tally, a: int, b: int) -> None:
     n = len(w.c_eid)
     if n:
         # Per key: factorize (phase, kind name, selected key).
@@ -591,7 +384,7 @@ def _tally(w: _Window, ctx: _Context, out: Tally, a: int, b: int) -> None:
     _dashboard(w, ctx, out, a, b)
 
 
-def _frame(w: _Window, rows: np.ndarray, keys: np.ndarray, phases: np.ndarray) -> pd.DataFrame:
+def _frame(w: Window, rows: np.ndarray, keys: np.ndarray, phases: np.ndarray) -> pd.DataFrame:
     agents = np.append(w.agents, None).astype(object)
     modules = np.append(w.modules, None).astype(object)
     e = w.c_eid[rows]
@@ -617,7 +410,7 @@ def _frame(w: _Window, rows: np.ndarray, keys: np.ndarray, phases: np.ndarray) -
     )
 
 
-def _features(w: _Window, episodes: np.ndarray) -> pd.DataFrame:
+def _features(w: Window, episodes: np.ndarray) -> pd.DataFrame:
     """Per-agent attribution features (earlier / final-chunk counted rewards) of episodes."""
     sel = episodes[w.g_eid]
     modules = np.append(w.modules, None).astype(object)
@@ -635,7 +428,7 @@ def _features(w: _Window, episodes: np.ndarray) -> pd.DataFrame:
     )
 
 
-def _wrong(w: _Window, ctx: _Context, out: Tally, k: np.ndarray, names: np.ndarray, phases: np.ndarray) -> None:
+def _wrong(w: Window, ctx: _Context, out: Tally, k: np.ndarray, names: np.ndarray, phases: np.ndarray) -> None:
     """Keep, per key, the ``explain_limit`` wrong values with the largest differences."""
     bad = np.flatnonzero(~w.c_clean)
     if not len(bad):
@@ -663,7 +456,7 @@ def _wrong(w: _Window, ctx: _Context, out: Tally, k: np.ndarray, names: np.ndarr
         out.features = [feats[[x in wanted for x in zip(feats["runner_id"], feats["episode_id"])]]]
 
 
-def _excluded(w: _Window, out: Tally) -> None:
+def _excluded(w: Window, out: Tally) -> None:
     sel = (w.g_npre > 0) & w.closed[w.g_eid] & w.has_raw[w.g_eid] & w.reported[w.g_eid]
     if not sel.any():
         return
@@ -675,7 +468,7 @@ def _excluded(w: _Window, out: Tally) -> None:
         prev[2] += int(g["n"].sum())
 
 
-def _unreported(w: _Window, out: Tally) -> None:
+def _unreported(w: Window, out: Tally) -> None:
     sel = np.flatnonzero(w.closed & w.has_raw & ~w.reported)
     if not len(sel):
         return
@@ -688,7 +481,7 @@ def _unreported(w: _Window, out: Tally) -> None:
             out.unreported_examples.append((phase, bool(done), int(r.first), r.runner, r.episode))
 
 
-def _orphans(w: _Window, out: Tally) -> None:
+def _orphans(w: Window, out: Tally) -> None:
     sel = np.flatnonzero(w.orphan)
     if not len(sel):
         return
@@ -708,7 +501,7 @@ def _orphans(w: _Window, out: Tally) -> None:
 # --------------------------------------------------------------------------- dashboards
 
 
-def _dashboard(w: _Window, ctx: _Context, out: Tally, a: int, b: int) -> None:
+def _dashboard(w: Window, ctx: _Context, out: Tally, a: int, b: int) -> None:
     """What each iteration's dashboard value covers, reduced (see dashboard.py)."""
     if ctx.model not in ("per_call_window", "driver_history") or not len(w.c_eid):
         return
@@ -736,121 +529,13 @@ def _dashboard(w: _Window, ctx: _Context, out: Tally, a: int, b: int) -> None:
     label = pd.DataFrame({"phase": phases[w.c_phase[shown][first]], "kind": w.kind_names[kcode[first]], "sel_key": names, "iteration": it[first]})
     out.dash_its.append(label.assign(low=low, high=high, n=np.bincount(g2, minlength=G2)))
     if ctx.model == "per_call_window":
-        calls = _per_call(w, ctx, shown, g2, G2)
+        evaluation = np.asarray(w.phases, dtype=object)[w.c_phase[shown]] == "evaluation"
+        calls = per_call_windows(g2, G2, w.ep_runner[w.c_eid[shown]], w.c_call[shown], value, truth, evaluation, ctx.train_window, ctx.eval_window, ctx.discard)
         out.dash_calls.append(label.assign(**calls))
     else:
+        e = w.c_eid[shown]
         frame = label.iloc[g2].reset_index(drop=True).assign(
-            runner=w.ep_runner[w.c_eid[shown]], call=w.c_call[shown], ord=w.c_ord[shown], value=value, truth=truth
+            runner=w.runners[w.ep_runner[e]], episode=w.episodes[w.ep_episode[e]], call=w.c_call[shown], ord=w.c_ord[shown], value=value, truth=truth
         )
-        out.dash_calls.append(_driver_history(frame, w, ctx, a, b))
-
-
-def _per_call(w: _Window, ctx: _Context, shown: np.ndarray, g2: np.ndarray, G2: int) -> dict:
-    """Ray 2.4x+ new stack: each runner keeps the last ceil(S / runners) values per key
-    and every get_metrics() call reduces and clears them; the iteration shows the mean of
-    the per-(runner, call) means (min of mins, max of maxes)."""
-    runner, call = w.ep_runner[w.c_eid[shown]], w.c_call[shown]
-    g1, g1_keys = pd.factorize((g2.astype(np.int64) * (len(w.runners) + 1) + runner) * (int(call.max()) - int(call.min()) + 1) + (call - int(call.min())))
-    G1 = len(g1_keys)
-    order = np.argsort(g1, kind="stable")  # rows are in RLlib's order already
-    sizes = np.bincount(g1, minlength=G1)
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    from_end = np.empty(len(g1), np.int64)
-    from_end[order] = sizes[g1[order]] - 1 - (np.arange(len(g1)) - starts[g1[order]])
-    evaluation = np.asarray(w.phases, dtype=object)[w.c_phase[shown]] == "evaluation" if len(w.phases) else np.zeros(len(g1), bool)
-    keep = from_end < np.where(evaluation, ctx.eval_window, ctx.train_window)
-    g1_g2 = np.zeros(G1, np.int64)
-    g1_g2[g1] = g2
-    if ctx.discard and evaluation.any():  # the driver never reads each remote runner's last evaluation call
-        rk = g2.astype(np.int64) * (len(w.runners) + 1) + runner
-        last = pd.Series(call).groupby(rk).transform("max").to_numpy()
-        keep &= ~(evaluation & (call == last))
-    g, v, t = g1[keep], w.c_value[shown][keep], w.c_truth[shown][keep]
-    n = np.bincount(g, minlength=G1)
-    has = n > 0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r_mean, t_mean = np.bincount(g, weights=v, minlength=G1) / n, np.bincount(g, weights=t, minlength=G1) / n
-    r_min, r_max, t_min, t_max = np.full(G1, np.inf), np.full(G1, -np.inf), np.full(G1, np.inf), np.full(G1, -np.inf)
-    np.minimum.at(r_min, g, v)
-    np.maximum.at(r_max, g, v)
-    np.minimum.at(t_min, g, t)
-    np.maximum.at(t_max, g, t)
-    # Per (series, iteration): mean of the per-call means, min of mins, max of maxes.
-    h = g1_g2[has]
-    m = np.bincount(h, minlength=G2)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = {"r_mean": np.bincount(h, weights=r_mean[has], minlength=G2) / m, "t_mean": np.bincount(h, weights=t_mean[has], minlength=G2) / m}
-    for name, src, ufunc, init in (("r_min", r_min, np.minimum, np.inf), ("r_max", r_max, np.maximum, -np.inf), ("t_min", t_min, np.minimum, np.inf), ("t_max", t_max, np.maximum, -np.inf)):
-        acc = np.full(G2, init)
-        ufunc.at(acc, h, src[has])
-        out[name] = np.where(m > 0, acc, np.nan)
-    return out
-
-
-def _reduce(frame: pd.DataFrame, by: list[str]) -> pd.DataFrame:
-    g = frame.groupby(by, sort=False)
-    return pd.DataFrame(
-        {
-            "r_mean": g["value"].mean(),
-            "r_min": g["value"].min(),
-            "r_max": g["value"].max(),
-            "t_mean": g["truth"].mean(),
-            "t_min": g["truth"].min(),
-            "t_max": g["truth"].max(),
-        }
-    ).reset_index()
-
-
-def _driver_history(frame: pd.DataFrame, w: _Window, ctx: _Context, a: int, b: int) -> pd.DataFrame:
-    """Ray 2.1x / old stack: an iteration covers the last max(S, new) episodes (training),
-    or that iteration's episodes (evaluation). The last S episodes per key carry over."""
-    parts = [_reduce(frame[frame["phase"] == "evaluation"], ["phase", "kind", "sel_key", "iteration"])]
-    train = frame[frame["phase"] != "evaluation"].assign(runner=lambda f: w.runners[f["runner"].to_numpy()])
-    train = train.assign(episode=w.episodes[w.ep_episode[w.c_eid[~w.c_missing]][(frame["phase"] != "evaluation").to_numpy()]])
-    if ctx.hist is not None:
-        train = pd.concat([ctx.hist, train], ignore_index=True)
-    disp = ctx.displayed
-    disp = disp[(disp["phase"] != "evaluation") & (disp["iteration"] >= a) & (disp["iteration"] <= b)]
-    disp = disp.assign(sel_key=disp["key"].where(disp["kind"] != Kind.EPISODE.value, None))
-    disp["sel_key"] = disp["sel_key"].astype(object).where(disp["sel_key"].notna(), "\x00none")
-    rows, carry = [], []
-    for (phase, kind, sel), g in train.groupby(["phase", "kind", "sel_key"], sort=False):
-        g = g.sort_values("ord", kind="stable")
-        first = g.drop_duplicates(["runner", "episode"])
-        pos = pd.Series(np.arange(1, len(first) + 1), index=pd.MultiIndex.from_frame(first[["runner", "episode"]]))
-        g_pos = pos.reindex(pd.MultiIndex.from_frame(g[["runner", "episode"]])).to_numpy()
-        ep_it = first["iteration"].to_numpy()
-        want = disp[(disp["phase"] == phase) & (disp["kind"] == kind) & (disp["sel_key"] == sel)]["iteration"].unique()
-        for it in sorted(want):
-            upto = ep_it <= it
-            if not upto.any():
-                continue
-            hi = int(np.arange(1, len(first) + 1)[upto].max())
-            lo = hi - max(ctx.S, int((ep_it == it).sum()))
-            sel_rows = g[(g_pos > lo) & (g_pos <= hi)]
-            rows.append(
-                {
-                    "phase": phase, "kind": kind, "sel_key": sel, "iteration": it,
-                    "r_mean": sel_rows["value"].mean(), "r_min": sel_rows["value"].min(), "r_max": sel_rows["value"].max(),
-                    "t_mean": sel_rows["truth"].mean(), "t_min": sel_rows["truth"].min(), "t_max": sel_rows["truth"].max(),
-                }
-            )
-        carry.append(g[g_pos > len(first) - ctx.S])
-    ctx.hist = pd.concat(carry, ignore_index=True) if carry else ctx.hist
-    parts.append(pd.DataFrame(rows))
-    return pd.concat([p for p in parts if len(p)], ignore_index=True) if any(len(p) for p in parts) else pd.DataFrame()
-
-
-def dashboard_frame(out: Tally) -> pd.DataFrame:
-    """Per (phase, kind, key, iteration): RLlib's values and the truth, reduced over what
-    the iteration's dashboard value covers, and the truth range of its episodes."""
-    calls = [f for f in out.dash_calls if len(f)]
-    its = [f for f in out.dash_its if len(f)]
-    if not calls and not its:
-        return pd.DataFrame()
-    keys = ["phase", "kind", "sel_key", "iteration"]
-    c = pd.concat(calls, ignore_index=True) if calls else pd.DataFrame(columns=keys + ["r_mean", "r_min", "r_max", "t_mean", "t_min", "t_max"])
-    i = pd.concat(its, ignore_index=True).groupby(keys, sort=False).agg(low=("low", "min"), high=("high", "max")).reset_index() if its else pd.DataFrame(columns=keys + ["low", "high"])
-    merged = c.merge(i, on=keys, how="outer")
-    merged["sel_key"] = merged["sel_key"].where(merged["sel_key"] != "\x00none", None)
-    return merged
+        reduced, ctx.hist = driver_history_windows(frame, ctx.hist, ctx.displayed, ctx.S, a, b)
+        out.dash_calls.append(reduced)

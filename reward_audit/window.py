@@ -1,0 +1,228 @@
+"""Reading one iteration window of a run as integer-coded numpy arrays.
+
+String ids (runner, episode, agent, module, phase, kind) are read as Parquet dictionaries
+and unified across the window's raw and reported parts into one code space, so that every
+group-by of the reconciliation is an array pass over dense integers (``factorize``,
+``KeyMap``) instead of a hash table over strings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from . import schema
+from .errors import CorruptRunError, InvalidDataError
+from .schema import Kind, Semantics
+from .store import Part, Run
+
+KINDS = [Kind.AGENT.value, Kind.MODULE.value, Kind.POLICY.value, Kind.EPISODE.value]  # codes 0..3; 4 = any other kind
+AGENT, MODULE, POLICY, EPISODE, OTHER = range(5)
+RAW_COLUMNS = ["phase", "runner_id", "episode_id", "agent_id", "chunk_seq", "module_id", "reward", "pre_obs_reward", "n_pre_obs", "episode_done", "iteration"]
+REP_COLUMNS = ["phase", "runner_id", "episode_id", "kind", "agent_id", "module_id", "value", "semantics", "metrics_call", "iteration"]
+_STRINGS = {"phase", "runner_id", "episode_id", "agent_id", "module_id", "kind", "semantics"}
+_DICT = pa.dictionary(pa.int32(), pa.string())
+_CANONICAL = {f.name: f.type for table in (schema.RAW_REWARDS, schema.REPORTED_EPISODES) for f in table}
+
+
+class Window:
+    """One window's arrays, every id integer-coded; ``tally`` fills in the rest step by step."""
+
+    def __getattr__(self, name: str) -> Any:  # pragma: no cover - a missing step is a bug
+        raise AttributeError(name)
+
+
+# --------------------------------------------------------------------------- dense integer keys
+
+_DENSE_LIMIT = 1 << 27  # key spaces up to this size use arrays, not hash tables
+
+
+def factorize(keys: np.ndarray, space: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(codes, uniques)`` of non-negative integer ``keys < space``: an O(n) array pass when
+    the key space is small enough (the usual case: dense dictionary codes), else hashing."""
+    keys = np.asarray(keys, dtype=np.int64)
+    if 0 < space <= min(max(1 << 22, 16 * len(keys)), 4 * _DENSE_LIMIT):
+        present = np.zeros(space, bool)
+        present[keys] = True
+        rank = np.cumsum(present, dtype=np.int64) - 1
+        return rank[keys], np.flatnonzero(present)
+    codes, uniques = pd.factorize(keys)
+    return codes.astype(np.int64), np.asarray(uniques, dtype=np.int64)
+
+
+class KeyMap:
+    """Integer key -> a position in ``uniques`` (-1 if absent), by array when dense.
+    ``uniques`` may repeat keys when only membership (``has``) is asked."""
+
+    def __init__(self, uniques: np.ndarray, space: int):
+        self.space = space
+        self.empty = len(uniques) == 0
+        if 0 < space <= min(max(1 << 22, 16 * len(uniques)), 4 * _DENSE_LIMIT):
+            self.table = np.full(space, -1, np.int64)
+            self.table[uniques] = np.arange(len(uniques))
+            self.index = None
+        else:
+            self.table, self.index = None, pd.Index(pd.unique(np.asarray(uniques, dtype=np.int64)))
+
+    def __call__(self, keys: np.ndarray) -> np.ndarray:
+        keys = np.asarray(keys, dtype=np.int64)
+        if self.empty:
+            return np.full(len(keys), -1, np.int64)
+        if self.table is None:
+            return self.index.get_indexer(keys) if len(keys) else np.zeros(0, np.int64)
+        out = np.full(len(keys), -1, np.int64)
+        ok = (keys >= 0) & (keys < self.space)
+        out[ok] = self.table[keys[ok]]
+        return out
+
+    def has(self, keys: np.ndarray) -> np.ndarray:
+        return self(keys) >= 0
+
+
+# --------------------------------------------------------------------------- 1. read
+
+
+def _read_parts(run: Run, parts: list[Part], columns: list[str], a: int, b: int, with_ord: dict | None) -> tuple[pa.Table, np.ndarray, list[str]]:
+    tables, files, file_of = [], [], []
+    strings = [c for c in columns if c in _STRINGS]
+    for part in parts:
+        # Only the row groups that hold iterations of this window (a compacted part has one
+        # row group per original part).
+        offsets = np.concatenate([[0], np.cumsum([g[2] for g in part.groups])]).astype(np.int64)
+        wanted = [i for i, g in enumerate(part.groups) if g[1] >= a and g[0] <= b]
+        try:
+            with run.filesystem.open_input_file(part.path) as f:
+                if len(wanted) == len(part.groups):
+                    t = pq.read_table(f, columns=columns, read_dictionary=strings)
+                else:
+                    t = pq.ParquetFile(f, read_dictionary=strings).read_row_groups(wanted, columns=columns)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise CorruptRunError(f"{part.path}: unreadable Parquet ({str(e).splitlines()[0]}); the file is damaged — delete it to audit the rest, or re-record the run") from e
+        rownum = None
+        if len(wanted) < len(part.groups):  # row numbers within the file
+            rownum = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in wanted]) if wanted else np.zeros(0, np.int64)
+        if any(part.groups[i][0] < a or part.groups[i][1] > b for i in wanted):
+            it = t.column("iteration")
+            mask = pc.and_(pc.greater_equal(it, a), pc.less_equal(it, b)).to_numpy(zero_copy_only=False)
+            if with_ord is not None:
+                rownum = (np.arange(t.num_rows) if rownum is None else rownum)[mask]
+            t = t.filter(pa.array(mask))
+        if with_ord is not None:
+            n = t.num_rows
+            base = np.int64(with_ord[part.path]) << np.int64(32)
+            order = base + (np.arange(n, dtype=np.int64) if rownum is None else rownum.astype(np.int64))
+            t = t.append_column("ord", pa.array(order, pa.int64()))
+        typed = _typed(t.schema)
+        tables.append(t if t.schema.equals(typed) else t.cast(typed))
+        file_of.append(np.full(t.num_rows, len(files), dtype=np.int32))
+        files.append(part.path)
+    if not tables:
+        return None, np.zeros(0, np.int32), files  # type: ignore[return-value]
+    return pa.concat_tables(tables), np.concatenate(file_of), files
+
+
+def _typed(schema: pa.Schema) -> pa.Schema:
+    """Dictionary-encoded strings, the schema's own integer widths (a no-op for parts
+    reward_audit wrote), float64 values: one type per column."""
+    fields = []
+    for f in schema:
+        if f.name in _STRINGS:
+            fields.append(pa.field(f.name, _DICT))
+        elif pa.types.is_integer(f.type):
+            fields.append(pa.field(f.name, _CANONICAL.get(f.name, pa.int64())))
+        elif pa.types.is_floating(f.type):
+            fields.append(pa.field(f.name, pa.float64()))
+        else:
+            fields.append(f)
+    return pa.schema(fields)
+
+
+def codes(*columns: pa.ChunkedArray | None) -> tuple[list[np.ndarray], np.ndarray]:
+    """Integer codes (-1 for null) of string columns in one shared code space, and the
+    dictionary (object array) they index."""
+    chunks, lengths = [], []
+    for col in columns:
+        col_chunks = [] if col is None else [c if pa.types.is_dictionary(c.type) else c.dictionary_encode() for c in col.chunks]
+        col_chunks = [c.cast(_DICT) for c in col_chunks]
+        chunks += col_chunks
+        lengths.append(len(col_chunks))
+    if not chunks:
+        return [np.zeros(0, np.int64) for _ in columns], np.zeros(0, dtype=object)
+    unified = pa.chunked_array(chunks, type=_DICT).unify_dictionaries()
+    dictionary = unified.chunk(0).dictionary.to_numpy(zero_copy_only=False)
+    codes = [pc.fill_null(c.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64) for c in unified.chunks]
+    out, i = [], 0
+    for n in lengths:
+        out.append(np.concatenate(codes[i : i + n]) if n else np.zeros(0, np.int64))
+        i += n
+    return out, dictionary
+
+
+def read_window(run: Run, raw_parts: list[Part], rep_parts: list[Part], a: int, b: int, carried: pa.Table | None, rep_index: dict) -> Window:
+    w = Window()
+    w.unknown = {}
+    raw, w.raw_file, w.raw_files = _read_parts(run, raw_parts, RAW_COLUMNS, a, b, None)
+    if carried is not None and carried.num_rows:
+        carried_files = carried.column("file").to_numpy(zero_copy_only=False)
+        carried = carried.drop_columns(["file"]).cast(_typed(carried.drop_columns(["file"]).schema))
+        offset = len(w.raw_files)
+        names = sorted(set(carried_files))
+        w.raw_files += names
+        w.raw_file = np.concatenate([w.raw_file, offset + np.searchsorted(names, carried_files)]).astype(np.int32)
+        raw = carried if raw is None else pa.concat_tables([raw, carried.cast(raw.schema)])
+    rep, _, w.rep_files = _read_parts(run, rep_parts, REP_COLUMNS, a, b, rep_index)
+    w.rows_read = (raw.num_rows if raw is not None else 0) + (rep.num_rows if rep is not None else 0)
+    if rep is not None:  # values this reward_audit cannot rebuild are counted, not compared
+        (sem,), values = codes(rep.column("semantics"))
+        known = pa.array(values[sem] == Semantics.EPISODE_SUM_COUNTED.value) if len(sem) else pa.array([], pa.bool_())
+        other = rep.filter(pc.invert(known))
+        if other.num_rows:
+            for (phase, kind, s), n in other.select(["phase", "kind", "semantics"]).to_pandas().astype(str).value_counts(sort=False).items():
+                w.unknown[(phase, kind, s)] = w.unknown.get((phase, kind, s), 0) + int(n)
+        rep = rep.filter(known)
+    nraw = raw.num_rows if raw is not None else 0
+    nrep = rep.num_rows if rep is not None else 0
+    col = lambda t, name: None if t is None else t.column(name)  # noqa: E731
+    (w.r_runner, w.p_runner), w.runners = codes(col(raw, "runner_id"), col(rep, "runner_id"))
+    (w.r_episode, w.p_episode), w.episodes = codes(col(raw, "episode_id"), col(rep, "episode_id"))
+    (w.r_agent, w.p_agent), w.agents = codes(col(raw, "agent_id"), col(rep, "agent_id"))
+    (w.r_module, w.p_module), w.modules = codes(col(raw, "module_id"), col(rep, "module_id"))
+    (w.r_phase, w.p_phase), w.phases = codes(col(raw, "phase"), col(rep, "phase"))
+    (w.p_kind_code,), kinds = codes(col(rep, "kind"))
+    kind_map = np.array([KINDS.index(k) if k in KINDS else OTHER for k in kinds] + [OTHER], dtype=np.int64)
+    w.p_kind = kind_map[w.p_kind_code] if nrep else np.zeros(0, np.int64)
+    w.kind_names = np.array(list(kinds) + ["?"], dtype=object)
+    w.p_kind_name = w.p_kind_code
+    num = lambda t, name, dtype: np.zeros(0, dtype) if t is None else t.column(name).to_numpy().astype(dtype, copy=False)  # noqa: E731
+    w.chunk = num(raw, "chunk_seq", np.int64)
+    w.reward = num(raw, "reward", np.float64)
+    w.pre = num(raw, "pre_obs_reward", np.float64)
+    w.npre = num(raw, "n_pre_obs", np.int64)
+    w.done = num(raw, "episode_done", bool)
+    w.r_iteration = num(raw, "iteration", np.int64)
+    w.value = num(rep, "value", np.float64)
+    w.call = num(rep, "metrics_call", np.int64)
+    w.p_iteration = num(rep, "iteration", np.int64)
+    w.ord = num(rep, "ord", np.int64)
+    bad = ~(np.isfinite(w.reward) & np.isfinite(w.pre))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        column, value = ("reward", w.reward[i]) if not np.isfinite(w.reward[i]) else ("pre_obs_reward", w.pre[i])
+        raise InvalidDataError(
+            f"{w.raw_files[w.raw_file[i]]}: {int(bad.sum())} raw reward rows with non-finite `{column}` (first: episode {w.episodes[w.r_episode[i]]}, "
+            f"value {value}); the env returned NaN/inf rewards, which no return can be checked against — fix the env's `step()`"
+        )
+    # Episodes: (runner, episode id) pairs, raw and reported, numbered 0..E-1.
+    nr = max(len(w.runners), 1)
+    keys = np.concatenate([w.r_episode * nr + w.r_runner, w.p_episode * nr + w.p_runner])
+    eid, uniques = factorize(keys, max(len(w.episodes), 1) * nr)
+    w.E = len(uniques)
+    w.r_eid, w.p_eid = eid[:nraw], eid[nraw:]
+    w.ep_runner = (uniques % nr).astype(np.int64)
+    w.ep_episode = (uniques // nr).astype(np.int64)
+    return w
