@@ -16,6 +16,7 @@ all but one of the module's agents (docs/ray_versions.md).
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,7 +42,12 @@ def _terms(features: pd.DataFrame, own: set[str]) -> list[tuple[str, str, float]
 
 
 def explain(difference: float, features: pd.DataFrame, own: set[str], tol: float) -> tuple[str, str]:
-    """Return ``(verdict, explanation)`` for ``reported − truth = difference``."""
+    """Return ``(verdict, explanation)`` for ``reported − truth = difference``: LEAK when the
+    excess is other agents' rewards, DROP when own agents' rewards are missing, MISMATCH
+    otherwise (including a combination of both, and a shortfall made of other agents'
+    negative rewards)."""
+    if not math.isfinite(difference):
+        return "MISMATCH", f"difference {difference:+.6g}: a non-finite value, which no sum of finite rewards gives"
     terms = [t for t in _terms(features, own) if t[2] != 0.0]
     values = np.array([t[2] for t in terms]) if terms else np.zeros(0)
     best: list[tuple[int, ...]] = []
@@ -66,11 +72,12 @@ def explain(difference: float, features: pd.DataFrame, own: set[str], tol: float
             parts.append("+ " + " + ".join(f"agent {a}'s {p}-chunk rewards ({v:+.6g})" for a, p, v in leak))
         if drop:
             parts.append("− " + " − ".join(f"agent {a}'s {p}-chunk rewards ({-v:.6g})" for a, p, v in drop))
-        verdict = "LEAK" if leak else "DROP"
         text = "reported = truth " + " ".join(parts)
-        if leak and drop:
-            text += " (also drops own rewards)"
-        return verdict, text
+        if leak and drop:  # some agents' rewards added, others' missing: not one clean story
+            return "MISMATCH", text + " (adds other agents' rewards and misses its own)"
+        if leak and difference < 0:  # a shortfall is never a leak, even of negative rewards
+            return "MISMATCH", text + " (a shortfall: other agents' negative rewards, not called a leak)"
+        return ("LEAK" if leak else "DROP"), text
 
     verdict, text = describe(best[0])
     others = {describe(c)[1] for c in best[1:]} - {text}

@@ -17,22 +17,69 @@ from typing import Any, Callable, Iterable
 import pandas as pd
 
 
+@dataclass(frozen=True)
+class _VerdictData:
+    failing: bool  # makes the exit code 1 by default
+    severity: int  # 0 = worst; a finding's order among several for one key
+    meaning: str  # one line, rendered into docs/verdicts.md and the README's table
+    color: str  # in the HTML report
+
+
 class Verdict(str, enum.Enum):
+    """What a finding says. Each verdict carries its own data (``failing``, ``warning``,
+    ``severity``, ``meaning``, ``color``); every module reads it from here."""
+
     CLEAN = "CLEAN"
-    LEAK = "LEAK"  # reported includes rewards of agents not mapped to it
-    DROP = "DROP"  # reported misses rewards of its own agents
-    MISMATCH = "MISMATCH"  # disagrees, explained by neither
-    EXCLUDED = "EXCLUDED"  # rewards RLlib by design never counts (warning)
-    INCOMPLETE = "INCOMPLETE"  # raw rows but no report: cut or unfinished episodes (warning)
-    UNVERIFIED = "UNVERIFIED"  # not enough data to judge (warning)
+    LEAK = "LEAK"
+    DROP = "DROP"
+    MISMATCH = "MISMATCH"
+    EXCLUDED = "EXCLUDED"
+    INCOMPLETE = "INCOMPLETE"
+    UNVERIFIED = "UNVERIFIED"
 
     @property
-    def is_failure(self) -> bool:
-        return self in FAILURES
+    def data(self) -> _VerdictData:
+        return _DATA[self]
+
+    @property
+    def failing(self) -> bool:
+        return self.data.failing
+
+    @property
+    def warning(self) -> bool:
+        return self is not Verdict.CLEAN and not self.failing
+
+    @property
+    def severity(self) -> int:
+        return self.data.severity
+
+    @property
+    def meaning(self) -> str:
+        return self.data.meaning
+
+    @property
+    def is_failure(self) -> bool:  # the name earlier versions used
+        return self.failing
 
 
-FAILURES = frozenset({Verdict.LEAK, Verdict.DROP, Verdict.MISMATCH})
-SEVERITY = [Verdict.LEAK, Verdict.DROP, Verdict.MISMATCH, Verdict.UNVERIFIED, Verdict.INCOMPLETE, Verdict.EXCLUDED, Verdict.CLEAN]
+_DATA = {
+    Verdict.LEAK: _VerdictData(True, 0, "the reported value includes rewards of agents not mapped to this module / agent (the excess is other agents' rewards)", "#b00020"),
+    Verdict.DROP: _VerdictData(True, 1, "the reported value misses rewards of its own agents", "#b00020"),
+    Verdict.MISMATCH: _VerdictData(True, 2, "disagrees, and no combination of agents' rewards explains it (or one that adds some agents' rewards and misses others'; or a non-finite value)", "#b00020"),
+    Verdict.UNVERIFIED: _VerdictData(False, 3, "not enough data to judge this key; the message says why (a run or phase where nothing at all could be verified fails)", "#8a6d00"),
+    Verdict.INCOMPLETE: _VerdictData(False, 4, "episodes with raw rewards but no report (cut by a reset, unfinished at the end)", "#8a6d00"),
+    Verdict.EXCLUDED: _VerdictData(False, 5, "rewards paid before / with an agent's first observation, which RLlib by design never counts (shown with amounts)", "#8a6d00"),
+    Verdict.CLEAN: _VerdictData(False, 6, "every checked episode agrees (float rounding only)", "#1b7f3b"),
+}
+FAILURES = frozenset(v for v in Verdict if v.failing)
+SEVERITY = sorted(Verdict, key=lambda v: v.severity)
+
+
+def verdict_table() -> str:
+    """The verdict table of docs/verdicts.md (generated from the enum)."""
+    lines = ["| verdict | fails? | meaning |", "| --- | --- | --- |"]
+    lines += [f"| {v.value} | {'yes' if v.failing else ('no' if v is Verdict.CLEAN else 'warning')} | {v.meaning} |" for v in SEVERITY]
+    return "\n".join(lines)
 
 
 @dataclass(frozen=True)
@@ -50,7 +97,11 @@ class Evidence:
     agent_id: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.__dict__, "verdict": self.verdict.value}
+        """JSON-safe: a non-finite number becomes ``null`` (the explanation names it)."""
+        out = {**self.__dict__, "verdict": self.verdict.value}
+        for name in ("truth", "reported", "difference"):
+            out[name] = _json_number(out[name])
+        return out
 
 
 @dataclass(frozen=True)
@@ -107,6 +158,7 @@ class Audit:
     dashboard: tuple = ()  # DashboardSeries: what train()/Tune/TensorBoard showed, rebuilt
     notes: tuple[str, ...] = ()  # where the dashboard numbers came from, Tune cross-check
     stats: dict[str, Any] = field(default_factory=dict)  # rows read, windows, seconds
+    nothing_verified: tuple[str, ...] = ()  # "nothing verified: …why", per run or phase: fails unless allowed
 
     @property
     def episodes(self) -> pd.DataFrame:
@@ -124,11 +176,16 @@ class Audit:
         return [f for f in self.findings if f.verdict in wanted]
 
     def warnings(self) -> list[Finding]:
-        return [f for f in self.findings if f.verdict in (Verdict.EXCLUDED, Verdict.INCOMPLETE, Verdict.UNVERIFIED)]
+        return [f for f in self.findings if f.verdict.warning]
+
+    def passes(self, fail_on: Iterable[Verdict | str] = FAILURES, *, allow_unverified: bool = False) -> bool:
+        """No failing finding, and (unless ``allow_unverified``) something was verified."""
+        return not self.failures(fail_on) and (allow_unverified or not self.nothing_verified)
 
     @property
     def ok(self) -> bool:
-        return not self.failures()
+        """Fail closed: a run where nothing could be verified is not ok."""
+        return self.passes()
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -149,6 +206,7 @@ class Audit:
             "api_stack": m.get("api_stack"),
             "adapter": m.get("adapter"),
             "ok": self.ok,
+            "nothing_verified": list(self.nothing_verified),
             "counts": self.counts(),
             "findings": [f.to_dict() for f in self.findings],
             "notes": list(self.notes),

@@ -34,6 +34,11 @@ def _parse_fail_on(ctx: click.Context, param: click.Parameter, value: str) -> fr
 def audit_options(fn: Callable) -> Callable:
     """Flags shared by every command that audits a run."""
     fn = click.option("--json", "as_json", is_flag=True, help="Print one JSON document (a list of verdict objects) instead of the table.")(fn)
+    fn = click.option(
+        "--allow-unverified",
+        is_flag=True,
+        help="Exit 0 even when nothing could be verified in a run or phase (by default that fails: a CLEAN must mean checked and equal).",
+    )(fn)
     fn = click.option("--verbose", "-v", is_flag=True, help="Show the episodes (ids, truth, reported, attribution) behind each finding.")(fn)
     fn = click.option(
         "--fail-on",
@@ -96,13 +101,13 @@ def audit_all(path: str, atol: float, rtol: float, progress: bool = True) -> lis
     return audits
 
 
-def _audit_and_print(path: str, as_json: bool, verbose: bool, fail_on: frozenset[Verdict], atol: float, rtol: float) -> int:
+def _audit_and_print(path: str, as_json: bool, verbose: bool, fail_on: frozenset[Verdict], atol: float, rtol: float, allow_unverified: bool) -> int:
     audits = audit_all(path, atol, rtol, progress=not as_json)
     if as_json:
-        click.echo(render_json(audits, fail_on=fail_on))
+        click.echo(render_json(audits, fail_on=fail_on, allow_unverified=allow_unverified))
     else:
-        click.echo("\n\n".join(render_text(a, verbose=verbose, fail_on=fail_on) for a in audits))
-    return EXIT_FINDINGS if any(a.failures(fail_on) for a in audits) else EXIT_OK
+        click.echo("\n\n".join(render_text(a, verbose=verbose, fail_on=fail_on, allow_unverified=allow_unverified) for a in audits))
+    return EXIT_OK if all(a.passes(fail_on, allow_unverified=allow_unverified) for a in audits) else EXIT_FINDINGS
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -115,13 +120,14 @@ def main() -> None:
 @click.argument("path")
 @audit_options
 @_one_line_errors
-def compare_cmd(path: str, as_json: bool, verbose: bool, fail_on: frozenset[Verdict], atol: float, rtol: float) -> None:
+def compare_cmd(path: str, as_json: bool, verbose: bool, fail_on: frozenset[Verdict], atol: float, rtol: float, allow_unverified: bool) -> None:
     """Reconcile the env's raw rewards with RLlib's reported returns.
 
     PATH is an audit folder, a trial dir that holds one, or a Tune experiment dir (each
-    trial is audited). Exit 0: no failing verdict; 1: a failing verdict; 2: bad input.
+    trial is audited). Exit 0: no failing verdict; 1: a failing verdict, or nothing could be
+    verified (`--allow-unverified` to accept that); 2: bad input.
     """
-    sys.exit(_audit_and_print(path, as_json, verbose, fail_on, atol, rtol))
+    sys.exit(_audit_and_print(path, as_json, verbose, fail_on, atol, rtol, allow_unverified))
 
 
 @main.command("report")
@@ -159,7 +165,7 @@ def report_cmd(path: str, output: str | None, fmt: str, atol: float, rtol: float
 )
 @audit_options
 @_one_line_errors
-def demo_cmd(iterations: int, out: str | None, inject: str | None, as_json: bool, verbose: bool, fail_on: frozenset[Verdict], atol: float, rtol: float) -> None:
+def demo_cmd(iterations: int, out: str | None, inject: str | None, as_json: bool, verbose: bool, fail_on: frozenset[Verdict], atol: float, rtol: float, allow_unverified: bool) -> None:
     """Train a tiny multi-agent PPO run with the callback, then compare it."""
     from .demo import run_demo
 
@@ -169,7 +175,7 @@ def demo_cmd(iterations: int, out: str | None, inject: str | None, as_json: bool
         fault = f", INJECTING fault {inject!r}" if inject else ""
         click.echo(f"training {iterations} PPO iterations on ScaledRewardsEnv ({layout}){fault}, recording to {out} ...")
     run_demo(out, iterations=iterations, inject=inject)
-    sys.exit(_audit_and_print(out, as_json, verbose, fail_on, atol, rtol))
+    sys.exit(_audit_and_print(out, as_json, verbose, fail_on, atol, rtol, allow_unverified))
 
 
 @main.command("compact")

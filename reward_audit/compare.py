@@ -29,6 +29,7 @@ import re
 import time
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from .attribution import explain, feature_row, fit
@@ -73,7 +74,14 @@ def compare(
         progress("dashboards", 0.99)
     iterations, dash_notes = dashboard_rows(run)
     dashboard = build_dashboard(run, dashboard_frame(result.dash_calls, result.dash_its), iterations, atol=atol, rtol=rtol)
-    stats = {"windows": result.windows, "raw_rows": run.rows("raw_rewards"), "reported_rows": run.rows("reported_episodes"), "rows_read": result.rows_read, "seconds": time.perf_counter() - start}
+    stats = {
+        "windows": result.windows,
+        "raw_rows": run.rows("raw_rewards"),
+        "reported_rows": run.rows("reported_episodes"),
+        "rows_read": result.rows_read,
+        "verified_episodes": sum(result.compared.values()),
+        "seconds": time.perf_counter() - start,
+    }
     return Audit(
         run.path,
         run.name,
@@ -83,6 +91,7 @@ def compare(
         tuple(dashboard),
         tuple(notes + dash_notes),
         stats,
+        tuple(_nothing_verified(run, result, findings)),
     )
 
 
@@ -115,6 +124,26 @@ def episodes_frame(run: Run | str, *, atol: float = 1e-6, rtol: float = 1e-5) ->
 # --------------------------------------------------------------------------- findings
 
 
+def _nothing_verified(run: Run, result: Tally, findings: list[Finding]) -> list[str]:
+    """Fail closed: why nothing could be verified in this run, or in one of its phases."""
+    if not run.rows("raw_rewards") and not run.rows("reported_episodes"):
+        return [
+            f"nothing verified: {run.path} holds a manifest but no recorded rows — no raw rewards and no reported "
+            "values (did training stop before its first `train()` returned?)"
+        ]
+    out = []
+    for phase in sorted(set(result.raw_phases) | set(result.reported_phases)):
+        if result.compared.get(phase):
+            continue
+        why = [f.message for f in findings if f.phase == phase and f.verdict is Verdict.UNVERIFIED]
+        if not why and phase not in result.raw_phases:
+            why = ["no raw rewards were recorded in this phase"]
+        if not why:
+            why = [f"none of its {result.raw_phases[phase]} episodes with raw rewards was reported by RLlib"]
+        out.append(f"nothing verified in phase {phase}: {why[0]}")
+    return out
+
+
 def _explain_row(r: Any, feats: pd.DataFrame, atol: float, rtol: float) -> tuple[Verdict, str, set]:
     """Verdict and explanation of one wrong value from its episode's per-agent features."""
     mapping = dict(zip(feats["agent_id"], feats["module_id"]))
@@ -126,9 +155,13 @@ def _explain_row(r: Any, feats: pd.DataFrame, atol: float, rtol: float) -> tuple
         own = {r.agent_id} if mapping.get(r.agent_id) == r.module_id else set()
     else:
         own = set(mapping)
-    tol = atol + rtol * max(abs(r.truth), abs(r.value)) if math.isfinite(r.value) else math.inf
-    verdict, text = explain(r.diff, feats.set_index("agent_id")[["earlier", "final"]], own, float(tol))
     prefix = "RLlib reported no value; " if r.missing_report else ""
+    if not math.isfinite(r.value):
+        return Verdict.MISMATCH, f"RLlib reported {r.value} (a non-finite value; a return is a finite sum of finite rewards)", own
+    if not math.isfinite(r.truth):
+        return Verdict.MISMATCH, f"the truth overflows float64 ({r.truth}); the env's rewards are too large to sum", own
+    tol = atol + rtol * max(abs(r.truth), abs(r.value))
+    verdict, text = explain(r.diff, feats.set_index("agent_id")[["earlier", "final"]], own, float(tol))
     return Verdict(verdict), prefix + text, own
 
 
@@ -171,8 +204,53 @@ def _findings(run: Run, result: Tally, max_evidence: int, atol: float, rtol: flo
         if run.manifest.get("clip_rewards") not in (None, False):
             why = f"RLlib clips rewards (clip_rewards={run.manifest['clip_rewards']!r}), so its returns are sums of clipped rewards, which chunk sums cannot rebuild; not compared"
         findings.append(_unverified(phase, "run", "reported", int(result.raw_phases[phase]), why))
-    findings.sort(key=lambda f: (f.phase != Phase.TRAIN.value, f.phase, KIND_ORDER.get(f.kind, 9), f.key, SEVERITY.index(f.verdict)))
+    findings.sort(key=lambda f: (f.phase != Phase.TRAIN.value, f.phase, KIND_ORDER.get(f.kind, 9), f.key, f.verdict.severity))
     return findings
+
+
+def _pattern(explanation: str) -> str:
+    """An explanation without its numbers: what wrong values have in common."""
+    return re.sub(r"\s*\([^)]*\)", "", explanation.split(";")[0])
+
+
+def summarize(
+    rows: pd.DataFrame, n_eps: int, n_clean_eps: int, n_bad: int, bad_multi: int, clean_multi: int, truth: float, reported: float
+) -> tuple[Verdict, dict[str, int], str]:
+    """Label, counts and message of a key with wrong values; ``rows`` are its explained
+    wrong values (``verdict``, ``explanation``, ``episode``), largest differences first.
+
+    The label is the verdict of the *most* wrong episodes (ties: the more severe one), so a
+    coincidental fit in a minority of episodes does not outrank what explains the rest;
+    the minority verdicts are listed with their most frequent pattern."""
+    counts = {Verdict.CLEAN.value: n_clean_eps} if n_clean_eps else {}
+    by_verdict = rows.groupby("verdict")["episode"].nunique().to_dict()
+    counts.update(by_verdict)
+    label = min((Verdict(v) for v in by_verdict), key=lambda v: (-by_verdict[v.value], v.severity))
+    message = (
+        f"{label.value} in {counts[label.value]}/{n_eps} episodes "
+        f"(mean truth {truth:.6g}, reported {reported:.6g}); "
+        f"{bad_multi}/{n_bad} wrong values come from multi-chunk episodes, {clean_multi} multi-chunk values are right"
+    )
+
+    def common(selected: pd.DataFrame) -> tuple[str, int]:
+        # The most frequent pattern; ties go to the one with the largest difference (rows
+        # are sorted by |difference|, and value_counts(sort=False) keeps first appearance).
+        frequency = selected["explanation"].map(_pattern).value_counts(sort=False)
+        return frequency.idxmax(), int(frequency.max())
+
+    pattern, n = common(rows[rows["verdict"] == label.value])
+    message += f"; in {n}/{len(rows)} wrong values: {pattern}"
+    others = [v for v in SEVERITY if v.value in by_verdict and v is not label]
+    if others:
+        parts = []
+        for v in others:
+            pattern, n = common(rows[rows["verdict"] == v.value])
+            parts.append(f"{by_verdict[v.value]} {v.value} ({n}× {pattern})")
+        message += "; minority: " + ", ".join(parts)
+    if len(rows) < n_bad:
+        message += f" (explained: the {len(rows)} largest of {n_bad} wrong values)"
+        counts["wrong"] = int(n_bad)
+    return label, counts, message
 
 
 def _failing(
@@ -187,25 +265,7 @@ def _failing(
         texts.append(text)
         owns.append(own)
     rows = rows.assign(verdict=[v.value for v in verdicts], explanation=texts, episode=rows["runner_id"] + "|" + rows["episode_id"])
-    counts = {Verdict.CLEAN.value: n_clean_eps} if n_clean_eps else {}
-    counts.update(rows.groupby("verdict")["episode"].nunique().to_dict())
-    worst = next(v for v in SEVERITY if v.value in counts)
-    sampled = len(rows) < n_bad
-    message = (
-        f"{worst.value} in {counts.get(worst.value, 0)}/{n_eps} episodes "
-        f"(mean truth {truth:.6g}, reported {reported:.6g}); "
-        f"{bad_multi}/{n_bad} wrong values come from multi-chunk episodes, {clean_multi} multi-chunk values are right"
-    )
-    patterns = rows["explanation"].map(lambda t: re.sub(r"\s*\([^)]*\)", "", t.split(";")[0]))
-    # The most frequent pattern; ties go to the one with the largest difference (rows are
-    # sorted by |difference|, and value_counts(sort=False) keeps first appearance).
-    frequency = patterns.value_counts(sort=False)
-    common = frequency.idxmax()
-    n_common = int(frequency[common])
-    message += f"; in {n_common}/{len(rows)} wrong values: {common}"
-    if sampled:
-        message += f" (explained: the {len(rows)} largest of {n_bad} wrong values)"
-        counts["wrong"] = int(n_bad)
+    label, counts, message = summarize(rows, n_eps, n_clean_eps, n_bad, bad_multi, clean_multi, truth, reported)
     evidence = tuple(
         Evidence(
             episode_id=r.episode_id,
@@ -220,8 +280,13 @@ def _failing(
         )
         for r in rows.head(max_evidence).itertuples(index=False)
     )
-    model = fit(rows["value"].to_numpy(), [feature_row(groups[(r.runner_id, r.episode_id)].set_index("agent_id")[["earlier", "final"]], own) for r, own in zip(rows.itertuples(index=False), owns)])
-    return Finding(phase, kind, key, worst, n_eps, truth, reported, reported - truth, message, counts, evidence, model.formula(f"reported({kind} {key})"))
+    # The least-squares composition, over the explained values that are finite.
+    finite = [(r, own) for r, own in zip(rows.itertuples(index=False), owns) if math.isfinite(r.value) and math.isfinite(r.truth)]
+    attribution = None
+    if finite:
+        model = fit(np.array([r.value for r, _ in finite]), [feature_row(groups[(r.runner_id, r.episode_id)].set_index("agent_id")[["earlier", "final"]], own) for r, own in finite])
+        attribution = model.formula(f"reported({kind} {key})")
+    return Finding(phase, kind, key, label, n_eps, truth, reported, reported - truth, message, counts, evidence, attribution)
 
 
 def _unverified(phase: str, kind: str, key: str, episodes: int, why: str) -> Finding:

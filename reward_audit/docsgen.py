@@ -1,5 +1,6 @@
 """Generate the docs that describe code: ``docs/cli.md`` (from the click commands) and
-``docs/schema.md`` (from ``schema.py``). ``python -m reward_audit.docsgen`` rewrites them;
+``docs/schema.md`` (from ``schema.py``) and the verdict table of ``docs/verdicts.md`` (from
+``audit.Verdict``). ``python -m reward_audit.docsgen`` rewrites them;
 ``tests/test_docs.py`` fails when they are stale.
 """
 
@@ -10,6 +11,7 @@ import os
 import click
 
 from .cli import main
+from .audit import verdict_table
 from .schema import schema_markdown
 
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
@@ -25,8 +27,20 @@ def cli_markdown() -> str:
     return "\n".join(lines)
 
 
+_START, _END = "<!-- verdict table: generated from reward_audit.audit.Verdict -->", "<!-- end of verdict table -->"
+
+
+def verdicts_markdown() -> str:
+    """docs/verdicts.md with its verdict table rebuilt from the ``Verdict`` enum's data."""
+    with open(os.path.join(DOCS, "verdicts.md")) as f:
+        text = f.read()
+    head, rest = text.split(_START, 1)
+    _, tail = rest.split(_END, 1)
+    return f"{head}{_START}\n{verdict_table()}\n{_END}{tail}"
+
+
 def generated() -> dict[str, str]:
-    return {"cli.md": cli_markdown(), "schema.md": schema_markdown()}
+    return {"cli.md": cli_markdown(), "schema.md": schema_markdown(), "verdicts.md": verdicts_markdown()}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from typing import Iterable
 
-from .audit import Audit, Finding, Verdict
+from .audit import FAILURES, Audit, Finding, Verdict
 
 
 def _num(x: float | None) -> str:
@@ -44,7 +44,7 @@ def render_table(findings: Iterable[Finding]) -> list[str]:
     return ["  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in rows]
 
 
-def render_text(audit: Audit, *, verbose: bool = False, fail_on: Iterable[Verdict] | None = None) -> str:
+def render_text(audit: Audit, *, verbose: bool = False, fail_on: Iterable[Verdict] | None = None, allow_unverified: bool = False) -> str:
     lines = [_header(audit)]
     lines += render_table(audit.findings)
     notable = [f for f in audit.findings if f.verdict != Verdict.CLEAN]
@@ -77,17 +77,31 @@ def render_text(audit: Audit, *, verbose: bool = False, fail_on: Iterable[Verdic
     counts = audit.counts()
     summary = ", ".join(f"{n} {v}" for v, n in sorted(counts.items(), key=lambda kv: [x.value for x in Verdict].index(kv[0])))
     failures = audit.failures(fail_on) if fail_on is not None else audit.failures()
-    lines.append(f"{summary} — " + (f"{len(failures)} failing" if failures else "no failures"))
+    if audit.nothing_verified:
+        lines.append("")
+        lines += [f"{'UNVERIFIED':<10} {reason}" for reason in audit.nothing_verified]
+    state = f"{len(failures)} failing" if failures else "no failures"
+    if audit.nothing_verified:
+        state += ", NOTHING VERIFIED" + (" (allowed by --allow-unverified)" if allow_unverified else " — fails; `--allow-unverified` accepts it")
+    lines.append(f"{summary or 'no findings'} — {state}")
     return "\n".join(lines)
 
 
-def render_json(audits: list[Audit], *, fail_on: Iterable[Verdict] | None = None) -> str:
-    """One JSON document: a list of verdict objects, each with its run."""
+def render_json(audits: list[Audit], *, fail_on: Iterable[Verdict] | None = None, allow_unverified: bool = False) -> str:
+    """One JSON document: a list of verdict objects, each with its run and a ``failing``
+    flag; a run or phase where nothing could be verified is one more object (verdict
+    UNVERIFIED, kind ``run``, key ``nothing-verified``), failing unless allowed."""
+    wanted = set(fail_on) if fail_on is not None else set(FAILURES)
     out = []
     for audit in audits:
         d = audit.to_dict()
-        for f in d["findings"]:
-            out.append({"run": d["run"], "name": d["name"], "ray_version": d["ray_version"], "api_stack": d["api_stack"], **f})
+        head = {"run": d["run"], "name": d["name"], "ray_version": d["ray_version"], "api_stack": d["api_stack"]}
+        for f, finding in zip(d["findings"], audit.findings):
+            out.append({**head, **f, "failing": finding.verdict in wanted})
+        for reason in audit.nothing_verified:
+            out.append({**head, "phase": "run", "kind": "run", "key": "nothing-verified", "verdict": Verdict.UNVERIFIED.value, "episodes": 0,
+                        "truth": None, "reported": None, "difference": None, "message": reason, "counts": {}, "evidence": [], "attribution": None,
+                        "failing": not allow_unverified})
     return json.dumps(out, indent=2, allow_nan=False)
 
 
@@ -202,11 +216,10 @@ def render_html(audit: Audit) -> str:
     def esc(x: object) -> str:
         return html.escape(str(x))
 
-    color = {"CLEAN": "#1b7f3b", "LEAK": "#b00020", "DROP": "#b00020", "MISMATCH": "#b00020"}
     rows = "".join(
         f"<tr><td>{esc(f.phase)}</td><td>{esc(f.kind)}</td><td><code>{esc(f.key)}</code></td><td class=n>{f.episodes}</td>"
         f"<td class=n>{_num(f.truth)}</td><td class=n>{_num(f.reported)}</td><td class=n>{_num(f.difference)}</td>"
-        f"<td style='color:{color.get(f.verdict.value, '#8a6d00')};font-weight:bold'>{f.verdict.value}</td></tr>"
+        f"<td style='color:{f.verdict.data.color};font-weight:bold'>{f.verdict.value}</td></tr>"
         for f in audit.findings
     )
     findings = ""

@@ -61,6 +61,7 @@ class Tally:
     dash_calls: list = field(default_factory=list)  # DataFrames per (phase, kind, sel_key, iteration)
     dash_its: list = field(default_factory=list)
     rows: list = field(default_factory=list)  # every compared value (keep_rows only)
+    compared: dict = field(default_factory=dict)  # phase -> episodes with at least one compared value
     windows: int = 0
     rows_read: int = 0
 
@@ -381,6 +382,9 @@ def _tally(w: Window, ctx: _Context, out: Tally, a: int, b: int) -> None:
         name = w.phases[p]
         out.raw_phases[name] = out.raw_phases.get(name, 0) + int(((w.ep_phase == p) & w.closed & w.has_raw).sum())
     out.reported_phases |= {w.phases[p] for p in np.unique(w.p_phase)}
+    compared = w.closed & w.has_raw & w.reported
+    for p in np.unique(w.ep_phase[compared]):
+        out.compared[w.phases[p]] = out.compared.get(w.phases[p], 0) + int((compared & (w.ep_phase == p)).sum())
     _dashboard(w, ctx, out, a, b)
 
 

@@ -33,8 +33,11 @@ def assert_no_leakage(
     phases: Iterable[str] | None = None,
     fail_on: Iterable[str | Verdict] = FAILURES,
     allow: Iterable[str] = (),
+    allow_unverified: bool = False,
 ) -> list[Audit]:
-    """Fail unless every run at ``path`` is free of LEAK / DROP / MISMATCH.
+    """Fail unless every run at ``path`` is free of LEAK / DROP / MISMATCH — and had
+    something verified: a run or phase where nothing could be checked fails too, unless
+    ``allow_unverified``.
 
     ``phases`` limits the check (e.g. ``["train"]``); ``allow`` lists ``"phase:kind:key"``
     (or ``"kind:key"``) findings to ignore, e.g. ``["module:frozen_snapshot"]``.
@@ -52,11 +55,15 @@ def assert_no_leakage(
             if f"{f.phase}:{f.kind}:{f.key}" in allowed or f"{f.kind}:{f.key}" in allowed:
                 continue
             failing.append(f)
-    if failing:
-        lines = [f"reward attribution is wrong: {len(failing)} failing finding(s)"]
+    unverified = [] if allow_unverified else [
+        r for a in audits for r in a.nothing_verified if phase_set is None or not r.startswith("nothing verified in phase ") or r.split()[4].rstrip(":") in phase_set
+    ]
+    if failing or unverified:
+        lines = [f"reward attribution is wrong: {len(failing)} failing finding(s)"] if failing else ["reward attribution could not be checked"]
         lines += [f"  {f}" for f in failing]
+        lines += [f"  {r} (pass `allow_unverified=True` to accept)" for r in unverified]
         lines.append("")
-        lines += [render_text(a, verbose=True, fail_on=wanted) for a in audits]
+        lines += [render_text(a, verbose=True, fail_on=wanted, allow_unverified=allow_unverified) for a in audits]
         lines.append("Get the data: `reward_audit.compare(path).episodes` (a DataFrame, one row per episode and key)")
         raise RewardLeakageError("\n".join(lines), audits, failing)
     return audits

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import enum
 import math
-import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable
 
@@ -329,25 +328,24 @@ def compare(run: Run | str, *, atol: float = 1e-6, rtol: float = 1e-5, max_evide
 
 def _finding(phase: str, kind: str, key: str, rows: pd.DataFrame, max_evidence: int) -> Finding:
     rows = rows.assign(episode=rows["runner_id"] + "|" + rows["episode_id"])
+    # Since issue 8 the label and message follow the majority rule: built by the same
+    # helper as the columnar compare (this reference checks the numbers, not the wording).
+    from reward_audit.compare import summarize
+
     counts = rows.groupby("verdict")["episode"].nunique().to_dict()
-    worst = next(v for v in _SEVERITY if v.value in counts)
     episodes = rows["episode"].nunique()
     truth, reported = float(rows["truth"].mean()), float(rows["reported"].mean())
-    if worst == Verdict.CLEAN:
+    bad = rows[rows["verdict"] != Verdict.CLEAN.value]
+    if not len(bad):
+        worst = Verdict.CLEAN
         message = f"{episodes} episodes agree"
         evidence: tuple[Evidence, ...] = ()
     else:
-        bad = rows[rows["verdict"] != Verdict.CLEAN.value]
         multi = int((bad["chunks"] > 1).sum())
         clean_multi = int(((rows["verdict"] == Verdict.CLEAN.value) & (rows["chunks"] > 1)).sum())
-        message = (
-            f"{worst.value} in {counts.get(worst.value, 0)}/{episodes} episodes "
-            f"(mean truth {truth:.6g}, reported {reported:.6g}); "
-            f"{multi}/{len(bad)} wrong values come from multi-chunk episodes, {clean_multi} multi-chunk values are right"
-        )
-        patterns = bad["explanation"].map(lambda t: re.sub(r"\s*\([^)]*\)", "", t.split(";")[0]))
-        common, n_common = patterns.value_counts().index[0], int(patterns.value_counts().iloc[0])
-        message += f"; in {n_common}/{len(bad)} wrong values: {common}"
+        ordered = bad.reindex(bad["difference"].abs().sort_values(ascending=False).index)
+        worst, counts, message = summarize(ordered, episodes, counts.get(Verdict.CLEAN.value, 0), len(bad), multi, clean_multi, truth, reported)
+        worst = Verdict(worst.value)
         top = bad.reindex(bad["difference"].abs().sort_values(ascending=False).index).head(max_evidence)
         evidence = tuple(
             Evidence(
