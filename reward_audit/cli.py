@@ -7,6 +7,7 @@ Exit codes: 0 no failing verdict, 1 a failing verdict (LEAK / DROP / MISMATCH by
 from __future__ import annotations
 
 import functools
+import math
 import os
 import sys
 import tempfile
@@ -47,8 +48,25 @@ def audit_options(fn: Callable) -> Callable:
         callback=_parse_fail_on,
         help="Verdicts that make the exit code 1 (e.g. `leak,drop,mismatch,excluded`).",
     )(fn)
-    fn = click.option("--atol", type=float, default=1e-6, show_default=True, help="Absolute tolerance per episode value.")(fn)
-    fn = click.option("--rtol", type=float, default=1e-5, show_default=True, help="Relative tolerance per episode value.")(fn)
+    return tolerance_options(fn)
+
+
+def _tolerance(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise click.BadParameter(f"{value!r}: a tolerance is a finite number ≥ 0")
+    return value
+
+
+def tolerance_options(fn: Callable) -> Callable:
+    """``--atol`` / ``--rtol``: explicit overrides of the exact rounding bound."""
+    fn = click.option(
+        "--atol", type=float, default=None, callback=_tolerance,
+        help="Absolute tolerance per episode value (default: the worst-case rounding of RLlib's own arithmetic on that value's rewards).",
+    )(fn)
+    fn = click.option(
+        "--rtol", type=float, default=None, callback=_tolerance,
+        help="Relative tolerance per episode value, with --atol (default: the exact rounding bound, see docs/verdicts.md).",
+    )(fn)
     return fn
 
 
@@ -86,7 +104,7 @@ def _progress(enabled: bool) -> Callable[[str, float], None] | None:
     return show
 
 
-def audit_all(path: str, atol: float, rtol: float, progress: bool = True) -> list:
+def audit_all(path: str, atol: float | None, rtol: float | None, progress: bool = True) -> list:
     runs = load_runs(path)
     show = _progress(progress)
     audits = []
@@ -101,7 +119,7 @@ def audit_all(path: str, atol: float, rtol: float, progress: bool = True) -> lis
     return audits
 
 
-def _audit_and_print(path: str, as_json: bool, verbose: bool, fail_on: frozenset[Verdict], atol: float, rtol: float, allow_unverified: bool) -> int:
+def _audit_and_print(path: str, as_json: bool, verbose: bool, fail_on: frozenset[Verdict], atol: float | None, rtol: float | None, allow_unverified: bool) -> int:
     audits = audit_all(path, atol, rtol, progress=not as_json)
     if as_json:
         click.echo(render_json(audits, fail_on=fail_on, allow_unverified=allow_unverified))
@@ -120,7 +138,7 @@ def main() -> None:
 @click.argument("path")
 @audit_options
 @_one_line_errors
-def compare_cmd(path: str, as_json: bool, verbose: bool, fail_on: frozenset[Verdict], atol: float, rtol: float, allow_unverified: bool) -> None:
+def compare_cmd(path: str, as_json: bool, verbose: bool, fail_on: frozenset[Verdict], atol: float | None, rtol: float | None, allow_unverified: bool) -> None:
     """Reconcile the env's raw rewards with RLlib's reported returns.
 
     PATH is an audit folder, a trial dir that holds one, or a Tune experiment dir (each
@@ -134,10 +152,9 @@ def compare_cmd(path: str, as_json: bool, verbose: bool, fail_on: frozenset[Verd
 @click.argument("path")
 @click.option("-o", "--output", "output", default=None, help="File to write (default: report.html / report.md in the current folder).")
 @click.option("--format", "fmt", type=click.Choice(["html", "md"]), default="html", show_default=True, help="Self-contained HTML with plots, or Markdown for an issue tracker.")
-@click.option("--atol", type=float, default=1e-6, show_default=True, help="Absolute tolerance per episode value.")
-@click.option("--rtol", type=float, default=1e-5, show_default=True, help="Relative tolerance per episode value.")
+@tolerance_options
 @_one_line_errors
-def report_cmd(path: str, output: str | None, fmt: str, atol: float, rtol: float) -> None:
+def report_cmd(path: str, output: str | None, fmt: str, atol: float | None, rtol: float | None) -> None:
     """Write a report: verdicts, attribution, example episodes, and per module the
     dashboard value vs. the truth over iterations (plots)."""
     from .report import render_html, render_markdown
@@ -165,7 +182,7 @@ def report_cmd(path: str, output: str | None, fmt: str, atol: float, rtol: float
 )
 @audit_options
 @_one_line_errors
-def demo_cmd(iterations: int, out: str | None, inject: str | None, as_json: bool, verbose: bool, fail_on: frozenset[Verdict], atol: float, rtol: float, allow_unverified: bool) -> None:
+def demo_cmd(iterations: int, out: str | None, inject: str | None, as_json: bool, verbose: bool, fail_on: frozenset[Verdict], atol: float | None, rtol: float | None, allow_unverified: bool) -> None:
     """Train a tiny multi-agent PPO run with the callback, then compare it."""
     from .demo import run_demo
 

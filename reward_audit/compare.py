@@ -53,13 +53,17 @@ _ORDER = ["phase", "kind", "key", "nan", "abs", "ord", "runner_id", "episode_id"
 def compare(
     run: Run | str,
     *,
-    atol: float = 1e-6,
-    rtol: float = 1e-5,
+    atol: float | None = None,
+    rtol: float | None = None,
     max_evidence: int = 5,
     progress: Progress | None = None,
     window_rows: int | None = WINDOW_ROWS,
 ) -> Audit:
-    """Reconcile one run. ``run`` is a loaded ``Run`` or a path / URI for ``load_run``."""
+    """Reconcile one run. ``run`` is a loaded ``Run`` or a path / URI for ``load_run``.
+
+    ``atol`` / ``rtol``: explicit per-value tolerance ``atol + rtol · max(|truth|, |reported|)``;
+    by default each value gets the worst-case rounding of RLlib's own arithmetic on its
+    rewards (docs/verdicts.md), so a leak far below any relative tolerance is still found."""
     if not isinstance(run, Run):
         run = load_run(run)
     start = time.perf_counter()
@@ -73,7 +77,13 @@ def compare(
     if progress:
         progress("dashboards", 0.99)
     iterations, dash_notes = dashboard_rows(run)
-    dashboard = build_dashboard(run, dashboard_frame(result.dash_calls, result.dash_its), iterations, atol=atol, rtol=rtol)
+    if result.fallback:
+        notes.append(
+            f"{result.fallback} values were compared with the relative tolerance 1e-6 + 1e-5·|value| (recorded by schema 1, "
+            "without per-reward magnitudes); re-record with this reward_audit for the exact rounding bound"
+        )
+    # Dashboard values are means over windows: compared with a relative tolerance.
+    dashboard = build_dashboard(run, dashboard_frame(result.dash_calls, result.dash_its), iterations, atol=1e-6 if atol is None else atol, rtol=1e-5 if rtol is None else rtol)
     stats = {
         "windows": result.windows,
         "raw_rows": run.rows("raw_rewards"),
@@ -95,7 +105,7 @@ def compare(
     )
 
 
-def episodes_frame(run: Run | str, *, atol: float = 1e-6, rtol: float = 1e-5) -> pd.DataFrame:
+def episodes_frame(run: Run | str, *, atol: float | None = None, rtol: float | None = None) -> pd.DataFrame:
     """Every compared (episode, kind, key) value with its verdict and explanation, as one
     DataFrame (``Audit.episodes``). Holds the whole comparison in memory: for small runs."""
     if not isinstance(run, Run):
@@ -144,7 +154,7 @@ def _nothing_verified(run: Run, result: Tally, findings: list[Finding]) -> list[
     return out
 
 
-def _explain_row(r: Any, feats: pd.DataFrame, atol: float, rtol: float) -> tuple[Verdict, str, set]:
+def _explain_row(r: Any, feats: pd.DataFrame, atol: float | None = None, rtol: float | None = None) -> tuple[Verdict, str, set]:
     """Verdict and explanation of one wrong value from its episode's per-agent features."""
     mapping = dict(zip(feats["agent_id"], feats["module_id"]))
     if r.kind == Kind.AGENT.value:
@@ -160,12 +170,11 @@ def _explain_row(r: Any, feats: pd.DataFrame, atol: float, rtol: float) -> tuple
         return Verdict.MISMATCH, f"RLlib reported {r.value} (a non-finite value; a return is a finite sum of finite rewards)", own
     if not math.isfinite(r.truth):
         return Verdict.MISMATCH, f"the truth overflows float64 ({r.truth}); the env's rewards are too large to sum", own
-    tol = atol + rtol * max(abs(r.truth), abs(r.value))
-    verdict, text = explain(r.diff, feats.set_index("agent_id")[["earlier", "final"]], own, float(tol))
+    verdict, text = explain(r.diff, feats.set_index("agent_id")[["earlier", "final"]], own, float(r.tol))
     return Verdict(verdict), prefix + text, own
 
 
-def _findings(run: Run, result: Tally, max_evidence: int, atol: float, rtol: float) -> list[Finding]:
+def _findings(run: Run, result: Tally, max_evidence: int, atol: float | None, rtol: float | None) -> list[Finding]:
     findings: list[Finding] = []
     for (phase, kind, sem), n in sorted(result.unknown.items()):
         findings.append(_unverified(phase, kind, "*", n, f"{n} reported values with semantics `{sem}`, which this reward_audit cannot rebuild; upgrade reward_audit"))
@@ -254,7 +263,7 @@ def summarize(
 
 
 def _failing(
-    phase: str, kind: str, key: str, rows: pd.DataFrame, groups: dict, atol: float, rtol: float, max_evidence: int,
+    phase: str, kind: str, key: str, rows: pd.DataFrame, groups: dict, atol: float | None, rtol: float | None, max_evidence: int,
     n_eps: int, n_clean_eps: int, n_bad: int, bad_multi: int, clean_multi: int, truth: float, reported: float,
 ) -> Finding:
     """A key with wrong values: explain the (at most ``EXPLAIN_LIMIT``) largest ones."""

@@ -26,13 +26,49 @@ import threading
 import uuid
 from typing import Any, Callable, Hashable, Iterable
 
+import numpy as np
+
 from .schema import Kind, Phase, Semantics
 
 logger = logging.getLogger("reward_audit")
 
 AgentId = Hashable
-# [reward sum, n rewards, pre-obs reward sum, n pre-obs]
+# [reward sum, n rewards, pre-obs sum, n pre-obs, reward compensation, Σ|r|, fewest significand
+#  bits, pre-obs compensation]: sums are Neumaier-compensated, so sum + compensation is the
+# exact sum rounded once, whatever the order and magnitudes of the rewards.
 Acc = list
+_BITS = {2: 11, 4: 24}  # itemsize of a float dtype -> significand bits (8 bytes: 53)
+
+
+def _bits(value: Any) -> int:
+    """Significand bits of a reward's type: RLlib sums the rewards in that precision."""
+    dtype = getattr(value, "dtype", None)
+    if dtype is not None and dtype.kind == "f":
+        return _BITS.get(dtype.itemsize, 53)
+    return 53
+
+
+def _add(a: Acc, i: int, c: int, x: float) -> None:
+    """Neumaier's compensated ``a[i] += x`` (compensation kept in ``a[c]``)."""
+    s = a[i]
+    t = s + x
+    if abs(s) >= abs(x):
+        a[c] += (s - t) + x
+    else:
+        a[c] += (x - t) + s
+    a[i] = t
+
+
+def _round_up_f32(x: float) -> float:
+    """``x ≥ 0`` as the nearest float32 not below it (an upper bound, in 4 bytes)."""
+    if x <= 0.0:
+        return 0.0
+    f = float(np.float32(x))
+    return f if f >= x else float(np.nextafter(np.float32(x), np.float32(np.inf)))
+
+
+def _new_acc() -> Acc:
+    return [0.0, 0, 0.0, 0, 0.0, 0.0, 53, 0.0]
 
 
 class _Episode:
@@ -48,15 +84,17 @@ class _Episode:
 
 
 def _merge(into: dict[AgentId, Acc], other: dict[AgentId, Acc]) -> None:
-    for aid, (r, n, pr, pn) in other.items():
+    for aid, b in other.items():
         a = into.get(aid)
         if a is None:
-            into[aid] = [r, n, pr, pn]
-        else:
-            a[0] += r
-            a[1] += n
-            a[2] += pr
-            a[3] += pn
+            into[aid] = list(b)
+            continue
+        for i, c, x in ((0, 4, b[0]), (0, 4, b[4]), (2, 7, b[2]), (2, 7, b[7])):
+            _add(a, i, c, x)
+        a[1] += b[1]
+        a[3] += b[3]
+        a[5] += b[5]
+        a[6] = min(a[6], b[6])
 
 
 class RunnerRecorder:
@@ -92,11 +130,14 @@ class RunnerRecorder:
             r = float(value)
             a = pending.get(aid)
             if a is None:
-                a = pending[aid] = [0.0, 0, 0.0, 0]
-            a[0] += r
+                a = pending[aid] = _new_acc()
+            _add(a, 0, 4, r)
             a[1] += 1
+            a[5] += abs(r)
+            if type(value) is not float:
+                a[6] = min(a[6], _bits(value))
             if aid not in observed:
-                a[2] += r
+                _add(a, 2, 7, r)
                 a[3] += 1
         if isinstance(obs, dict):
             observed.update(obs.keys())
@@ -163,7 +204,7 @@ class RunnerRecorder:
         for state in self._touched.values():
             if not state.done:
                 state.mapping.update(self._read_mapping(state))
-            for aid, (r, n, pr, pn) in state.acc.items():
+            for aid, (r, n, pr, pn, rc, r_abs, bits, pc) in state.acc.items():
                 module = state.mapping.get(aid)
                 self._raw_rows.append(
                     {
@@ -176,10 +217,12 @@ class RunnerRecorder:
                         "agent_id": str(aid),
                         "agent_id_type": type(aid).__name__,
                         "module_id": None if module is None else str(module),
-                        "reward": r,
+                        "reward": r + rc,
                         "n_rewards": n,
-                        "pre_obs_reward": pr,
+                        "pre_obs_reward": pr + pc,
                         "n_pre_obs": pn,
+                        "reward_cancel": _round_up_f32(r_abs - abs(r + rc)),
+                        "reward_bits": bits,
                         "episode_done": state.done,
                     }
                 )

@@ -19,7 +19,10 @@ import enum
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Versions this reward_audit reads. Version 1 parts lack `reward_abs` / `reward_bits`: their
+# values are compared with the old relative tolerance, and the audit says so.
+READABLE_SCHEMA_VERSIONS = (1, 2)
 TOOL_NAME = "reward_audit"
 MANIFEST_NAME = "run.json"
 AUDIT_DIR_NAME = "reward_audit"
@@ -77,8 +80,11 @@ RAW_REWARDS = pa.schema(
         pa.field("n_pre_obs", pa.int32(), nullable=False),
         pa.field("episode_done", pa.bool_(), nullable=False),
         pa.field("iteration", pa.int64(), nullable=False),
+        pa.field("reward_cancel", pa.float32()),
+        pa.field("reward_bits", pa.int32()),
     ]
 )
+V2_RAW_COLUMNS = ("reward_cancel", "reward_bits")  # absent from schema-1 parts
 
 RAW_REWARDS_DOC = {
     "phase": "`train` or `evaluation` (the env runner's `config.in_evaluation`).",
@@ -90,12 +96,14 @@ RAW_REWARDS_DOC = {
     "agent_id": "Agent id as a canonical string (`str(agent_id)`).",
     "agent_id_type": "Python type name of the original agent id (`int`, `str`, ...).",
     "module_id": "Module / policy the agent was mapped to in this episode (null if RLlib never mapped it).",
-    "reward": "Sum of every reward the env's `step()` returned to this agent in this chunk (the truth).",
+    "reward": "Sum of every reward the env's `step()` returned to this agent in this chunk (the truth), compensated (Neumaier), so it is the exact sum rounded once.",
     "n_rewards": "Number of reward entries summed in `reward`.",
     "pre_obs_reward": "Part of `reward` paid before or with the agent's first observation of the episode; RLlib never counts it (by design).",
     "n_pre_obs": "Number of reward entries summed in `pre_obs_reward`.",
     "episode_done": "True if the episode terminated or truncated within this chunk.",
     "iteration": "Training iterations completed when the driver collected the row (train rows: the `training_iteration` of the result that sampled them).",
+    "reward_cancel": "Σ|r| − |reward| over the same rewards, rounded up to float32 (0 unless the rewards change sign): |reward| + this bounds Σ|r|, which with `n_rewards` and `reward_bits` bounds the rounding of any float sum of them (schema 2; null in schema 1).",
+    "reward_bits": "Fewest significand bits among the rewards' types (53 float64 / Python float or int, 24 float32, 11 float16): RLlib sums in that precision (schema 2).",
 }
 
 REPORTED_EPISODES = pa.schema(

@@ -126,6 +126,7 @@ class Part:
     last_iteration: int
     replaces: tuple[str, ...] = ()  # part names a compacted part stands for
     groups: tuple[tuple[int, int, int], ...] = ()  # per row group: (first iteration, last iteration, rows)
+    version: int = schema.SCHEMA_VERSION
 
 
 @dataclass(frozen=True, eq=False)
@@ -164,6 +165,9 @@ class Run:
             try:
                 with self.filesystem.open_input_file(part.path) as f:
                     data = pq.read_table(f)
+                for column in expected.names:  # schema-1 parts: the columns added since are null
+                    if column not in data.column_names:
+                        data = data.append_column(column, pa.nulls(data.num_rows, expected.field(column).type))
                 tables.append(data.select(expected.names).cast(expected))
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
                 raise CorruptRunError(f"{part.path}: unreadable Parquet ({str(e).splitlines()[0]}); {_DAMAGED_FIX}") from e
@@ -236,9 +240,9 @@ def _read_manifest(fs: pafs.FileSystem, path: str) -> dict[str, Any]:
             "pass a folder recorded with `config.callbacks(RewardAuditCallback)`"
         )
     version = manifest.get("schema_version")
-    if version != schema.SCHEMA_VERSION:
+    if type(version) is not int or version not in schema.READABLE_SCHEMA_VERSIONS:
         raise SchemaVersionError(
-            f"{file}: schema version {version!r}, this reward_audit reads version {schema.SCHEMA_VERSION}; "
+            f"{file}: schema version {version!r}, this reward_audit reads versions {', '.join(map(str, schema.READABLE_SCHEMA_VERSIONS))}; "
             f"install the reward_audit that wrote it (`pip install reward_audit=={manifest.get('reward_audit_version', '?')}`)"
         )
     return manifest
@@ -263,16 +267,19 @@ def _inspect(fs: pafs.FileSystem, file: str, name: str) -> Part:
     except (pa.ArrowInvalid, OSError) as e:
         raise CorruptRunError(f"{file}: unreadable Parquet ({str(e).splitlines()[0]}); {_DAMAGED_FIX}") from e
     version = (arrow_schema.metadata or {}).get(_VERSION_KEY)
-    if version != str(schema.SCHEMA_VERSION).encode():
+    if version not in {str(v).encode() for v in schema.READABLE_SCHEMA_VERSIONS}:
         shown = version.decode(errors="replace") if version else "none"
         raise SchemaVersionError(
-            f"{file}: schema version {shown}, this reward_audit reads version {schema.SCHEMA_VERSION}; "
+            f"{file}: schema version {shown}, this reward_audit reads versions {', '.join(map(str, schema.READABLE_SCHEMA_VERSIONS))}; "
             "use the reward_audit version that wrote the run"
         )
-    missing = [f.name for f in expected if f.name not in arrow_schema.names]
+    optional = schema.V2_RAW_COLUMNS if name == "raw_rewards" and version == b"1" else ()
+    missing = [f.name for f in expected if f.name not in arrow_schema.names and f.name not in optional]
     if missing:
         raise SchemaVersionError(f"{file}: missing columns {missing}; the file does not match schema {schema.SCHEMA_VERSION}")
     for f in expected:
+        if f.name not in arrow_schema.names:
+            continue
         actual = arrow_schema.field(f.name).type
         if actual != f.type and not (pa.types.is_integer(actual) and pa.types.is_integer(f.type)) and not (
             pa.types.is_dictionary(actual) and actual.value_type == f.type
@@ -281,7 +288,7 @@ def _inspect(fs: pafs.FileSystem, file: str, name: str) -> Part:
     groups = _row_groups(meta, arrow_schema.get_field_index("iteration"))
     lo, hi = (min(g[0] for g in groups), max(g[1] for g in groups)) if groups else (0, -1)
     replaces = (arrow_schema.metadata or {}).get(_REPLACES_KEY)
-    return Part(file, meta.num_rows, lo, hi, tuple(json.loads(replaces)) if replaces else (), groups)
+    return Part(file, meta.num_rows, lo, hi, tuple(json.loads(replaces)) if replaces else (), groups, int(version))
 
 
 def _row_groups(meta: pq.FileMetaData, column: int) -> tuple[tuple[int, int, int], ...]:

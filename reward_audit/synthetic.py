@@ -170,6 +170,8 @@ def _iterations(
                     "n_pre_obs": pa.array(np.zeros(m, dtype=np.int32)),
                     "episode_done": pa.array(raw["done"]),
                     "iteration": pa.array(np.full(m, it, dtype=np.int64)),
+                    "reward_cancel": pa.array(np.zeros(m, dtype=np.float32)),
+                    "reward_bits": pa.array(np.full(m, 53, dtype=np.int32)),
                 },
                 schema=schema.RAW_REWARDS,
             )

@@ -63,13 +63,14 @@ class Tally:
     rows: list = field(default_factory=list)  # every compared value (keep_rows only)
     compared: dict = field(default_factory=dict)  # phase -> episodes with at least one compared value
     windows: int = 0
+    fallback: int = 0  # values compared with the schema-1 relative tolerance (no Σ|r| recorded)
     rows_read: int = 0
 
 
 # --------------------------------------------------------------------------- the pass
 
 
-def tally(run: Run, *, atol: float, rtol: float, window_rows: int | None, explain_limit: int, progress: Progress | None = None, keep_rows: bool = False) -> Tally:
+def tally(run: Run, *, atol: float | None, rtol: float | None, window_rows: int | None, explain_limit: int, progress: Progress | None = None, keep_rows: bool = False) -> Tally:
     # Arrow's default pool (mimalloc / jemalloc) keeps freed window buffers mapped; the
     # system allocator returns them, so peak RSS stays one window's worth. Restored after.
     pool = pa.default_memory_pool()
@@ -80,7 +81,7 @@ def tally(run: Run, *, atol: float, rtol: float, window_rows: int | None, explai
         pa.set_memory_pool(pool)
 
 
-def _tally_run(run: Run, atol: float, rtol: float, window_rows: int | None, explain_limit: int, progress: Progress | None, keep_rows: bool) -> Tally:
+def _tally_run(run: Run, atol: float | None, rtol: float | None, window_rows: int | None, explain_limit: int, progress: Progress | None, keep_rows: bool) -> Tally:
     out = Tally()
     m = run.manifest
     ctx = _Context(
@@ -115,6 +116,7 @@ def _tally_run(run: Run, atol: float, rtol: float, window_rows: int | None, expl
         _match(w, ctx)
         _tally(w, ctx, out, a, b)
     out.windows = len(windows)
+    out.fallback = ctx.fallback
     return out
 
 
@@ -142,8 +144,8 @@ def plan(run: Run, window_rows: int | None) -> list[tuple[int, int]]:
 
 @dataclass
 class _Context:
-    atol: float
-    rtol: float
+    atol: float | None
+    rtol: float | None
     explain_limit: int
     keep_rows: bool
     model: str | None
@@ -155,6 +157,7 @@ class _Context:
     rep_index: dict = field(default_factory=dict)
     closed: list = field(default_factory=list)  # uint64 hashes of closed (runner, episode)
     hist: pd.DataFrame | None = None  # driver_history: the last S episodes' rows per series
+    fallback: int = 0  # values compared with the schema-1 relative tolerance
 
 
 # --------------------------------------------------------------------------- 2. truth
@@ -184,6 +187,21 @@ def _truth(w: Window) -> None:
     G = len(gkeys)
     w.g_eid, w.g_agent = (gkeys // na).astype(np.int64), (gkeys % na).astype(np.int64)
     w.g_counted = np.bincount(g, weights=counted_row, minlength=G)
+    # What bounds the rounding of any float sum of the group's rewards: Σ|r|, how many, the
+    # fewest significand bits; unknown (schema-1 rows) where Σ|r| was not recorded.
+    unknown_row = np.isnan(w.r_abs)
+    g_bits = np.full(G, 53, np.int64)
+    np.minimum.at(g_bits, g, w.r_bits)
+    w.g_stats = np.stack(
+        [
+            np.bincount(g, weights=np.where(unknown_row, 0.0, w.r_abs), minlength=G),
+            np.bincount(g, weights=w.nrew, minlength=G),
+            g_bits,
+            np.bincount(g, weights=unknown_row, minlength=G),
+            np.ones(G),
+        ],
+        axis=1,
+    )
     w.g_pre = np.bincount(g, weights=w.pre, minlength=G)
     w.g_npre = np.bincount(g, weights=w.npre, minlength=G).astype(np.int64)
     w.g_final = np.bincount(g, weights=np.where(w.chunk == ep_max[w.r_eid], counted_row, 0.0), minlength=G)
@@ -238,15 +256,56 @@ def _close(w: Window, last: bool, check_late: bool, ctx: _Context) -> pa.Table |
             "module_id": strings(w.r_module, w.modules),
             "reward": pa.array(w.reward[keep]),
             "pre_obs_reward": pa.array(w.pre[keep]),
+            "n_rewards": pa.array(w.nrew[keep].astype(np.int32)),
             "n_pre_obs": pa.array(w.npre[keep].astype(np.int32)),
             "episode_done": pa.array(w.done[keep]),
             "iteration": pa.array(w.r_iteration[keep], pa.int64()),
+            "reward_cancel": pa.array((w.r_abs - np.abs(w.reward))[keep].astype(np.float32), from_pandas=True),
+            "reward_bits": pa.array(w.r_bits[keep].astype(np.int32)),
             "file": pa.array(np.asarray(w.raw_files, dtype=object)[w.raw_file[keep]].astype(str)),
         }
     )
 
 
 # --------------------------------------------------------------------------- 4. match
+
+_NO_AGENTS = np.array([0.0, 0.0, 53.0, 0.0, 0.0])  # Σ|r|, n, bits, unknown, agents: a value with no own agents
+_U64 = 2.0**-53
+
+
+def _sum_stats(stats: np.ndarray, group: np.ndarray, n: int) -> np.ndarray:
+    """Per-group totals of per-agent bound statistics (the fewest bits, not a sum)."""
+    out = np.zeros((n, 5))
+    for j in (0, 1, 3, 4):
+        out[:, j] = np.bincount(group, weights=stats[:, j], minlength=n)
+    bits = np.full(n, 53.0)
+    np.minimum.at(bits, group, stats[:, 2])
+    out[:, 2] = bits
+    return out
+
+
+def _tolerance(own: np.ndarray, chunks: np.ndarray, truth: np.ndarray, value: np.ndarray, ctx: _Context) -> np.ndarray:
+    """How far a reported value may be from the truth by float rounding alone.
+
+    Explicit ``atol`` / ``rtol``: ``atol + rtol · max(|truth|, |reported|)``. Otherwise the
+    worst case of the arithmetic RLlib performs: it adds the value's n rewards one by one
+    (per chunk, then chunk returns, then a module's agents) in the rewards' own precision
+    (float32 when the env returns float32, else float64), so with m = n + 2·(chunks +
+    agents) + 4 additions and unit roundoff u = 2^-bits the error is at most
+    γ_m·Σ|r| ≈ m·u·Σ|r| (Higham, *Accuracy and Stability of Numerical Algorithms*, §4.2),
+    plus the rounding of our own compensated truth (≤ 2u₆₄|truth|). Values whose Σ|r| was not
+    recorded (schema-1 runs) fall back to ``1e-6 + 1e-5 · max(|truth|, |reported|)``."""
+    scale = np.maximum(np.abs(truth), np.abs(value))
+    if ctx.atol is not None or ctx.rtol is not None:
+        return (ctx.atol or 0.0) + (ctx.rtol or 0.0) * scale
+    m = own[:, 1] + 2 * (chunks + own[:, 4]) + 4
+    tol = 1.01 * m * np.exp2(-own[:, 2]) * own[:, 0] + 4 * _U64 * np.abs(truth)
+    unknown = own[:, 3] > 0
+    if unknown.any():
+        tol[unknown] = 1e-6 + 1e-5 * scale[unknown]
+        ctx.fallback += int(unknown.sum())
+    return tol
+
 
 
 def _match(w: Window, ctx: _Context) -> None:
@@ -270,18 +329,25 @@ def _match(w: Window, ctx: _Context) -> None:
     msum = np.bincount(mid, weights=w.g_counted[mg], minlength=len(muniq))
     m_index = KeyMap(muniq, E * nm)
     esum = np.bincount(w.g_eid, weights=w.g_counted, minlength=E)
+    m_stats, e_stats = _sum_stats(w.g_stats[mg], mid, len(muniq)), _sum_stats(w.g_stats, w.g_eid, E)
     truth = np.zeros(len(idx))
+    own = np.tile(_NO_AGENTS, (len(idx), 1))  # Σ|r|, n, bits, unknown, agents of the value's own agents
     a_rows = kind == AGENT
     truth[a_rows & g_ok] = w.g_counted[g[a_rows & g_ok]]
+    own[a_rows & g_ok] = w.g_stats[g[a_rows & g_ok]]
     p_rows = (kind == POLICY) & g_ok
     p_match = p_rows.copy()
     p_match[p_rows] = w.g_module[g[p_rows]] == module[p_rows]
     truth[p_match] = w.g_counted[g[p_match]]
+    own[p_match] = w.g_stats[g[p_match]]
     m_rows = kind == MODULE
     mi = m_index(np.where(module[m_rows] >= 0, eid[m_rows] * nm + module[m_rows], -1))
-    truth[np.flatnonzero(m_rows)[(mi >= 0) & (module[m_rows] >= 0)]] = msum[mi[(mi >= 0) & (module[m_rows] >= 0)]]
+    m_hit = (mi >= 0) & (module[m_rows] >= 0)
+    truth[np.flatnonzero(m_rows)[m_hit]] = msum[mi[m_hit]]
+    own[np.flatnonzero(m_rows)[m_hit]] = m_stats[mi[m_hit]]
     e_rows = (kind == EPISODE) | (kind == OTHER)
     truth[e_rows] = esum[eid[e_rows]]
+    own[e_rows] = e_stats[eid[e_rows]]
     # Expected values RLlib never reported (of kinds it reported for that episode).
     def reported(keys: np.ndarray, space: int) -> KeyMap:
         return KeyMap(keys[keys >= 0], space)
@@ -294,14 +360,14 @@ def _match(w: Window, ctx: _Context) -> None:
     gl = live[w.g_eid]
     miss = []
     sel = gl & flags[w.g_eid, AGENT] & ~rep_agent.has(w.g_eid * na + w.g_agent)
-    miss.append((AGENT, w.g_eid[sel], w.g_agent[sel], np.full(sel.sum(), -1), w.g_counted[sel]))
+    miss.append((AGENT, w.g_eid[sel], w.g_agent[sel], np.full(sel.sum(), -1), w.g_counted[sel], w.g_stats[sel]))
     sel = gl & mg & flags[w.g_eid, POLICY] & ~rep_policy.has(np.where(mg, (w.g_eid * na + w.g_agent) * nm + w.g_module, -1))
-    miss.append((POLICY, w.g_eid[sel], w.g_agent[sel], w.g_module[sel], w.g_counted[sel]))
+    miss.append((POLICY, w.g_eid[sel], w.g_agent[sel], w.g_module[sel], w.g_counted[sel], w.g_stats[sel]))
     m_eid, m_mod = (muniq // nm).astype(np.int64), (muniq % nm).astype(np.int64)
     sel = live[m_eid] & flags[m_eid, MODULE] & ~rep_module.has(muniq)
-    miss.append((MODULE, m_eid[sel], np.full(sel.sum(), -1), m_mod[sel], msum[sel]))
+    miss.append((MODULE, m_eid[sel], np.full(sel.sum(), -1), m_mod[sel], msum[sel], m_stats[sel]))
     e_all = np.flatnonzero(live & flags[:, EPISODE] & ~rep_episode)
-    miss.append((EPISODE, e_all, np.full(len(e_all), -1), np.full(len(e_all), -1), esum[e_all]))
+    miss.append((EPISODE, e_all, np.full(len(e_all), -1), np.full(len(e_all), -1), esum[e_all], e_stats[e_all]))
     n_miss = sum(len(x[1]) for x in miss)
     w.c_kind = np.concatenate([kind] + [np.full(len(x[1]), x[0]) for x in miss]).astype(np.int64)
     w.c_kind_name = np.concatenate([w.kind_names[w.p_kind_name[idx]], np.array([KINDS[x[0]] for x in miss for _ in range(len(x[1]))], dtype=object)])
@@ -316,9 +382,11 @@ def _match(w: Window, ctx: _Context) -> None:
     w.c_call = np.concatenate([w.call[idx], np.full(n_miss, -1)])
     w.c_iteration = np.concatenate([w.p_iteration[idx], np.full(n_miss, -1)])
     w.c_phase = w.ep_phase[w.c_eid]
+    own = np.concatenate([own] + [x[5] for x in miss])
     with np.errstate(invalid="ignore", over="ignore"):
         w.c_diff = w.c_value - w.c_truth
-        w.c_clean = np.isfinite(w.c_value) & np.isfinite(w.c_truth) & (np.abs(w.c_diff) <= ctx.atol + ctx.rtol * np.maximum(np.abs(w.c_truth), np.abs(w.c_value)))
+        w.c_tol = _tolerance(own, w.ep_chunks[w.c_eid], w.c_truth, w.c_value, ctx)
+        w.c_clean = np.isfinite(w.c_value) & np.isfinite(w.c_truth) & (np.abs(w.c_diff) <= w.c_tol)
     # The key a value is about: agent id (agent), module id (module, policy), "return" (episode).
     w.c_sel = np.where(w.c_kind == AGENT, w.c_agent, np.where((w.c_kind == MODULE) | (w.c_kind == POLICY), w.c_module, -1))
 
@@ -404,6 +472,7 @@ def _frame(w: Window, rows: np.ndarray, keys: np.ndarray, phases: np.ndarray) ->
             "truth": w.c_truth[rows],
             "value": w.c_value[rows],
             "diff": w.c_diff[rows],
+            "tol": w.c_tol[rows],
             "chunks": w.ep_chunks[e],
             "missing_report": w.c_missing[rows],
             "ord": np.where(w.c_missing[rows], np.nan, w.c_ord[rows].astype(float)),

@@ -23,7 +23,8 @@ from .store import Part, Run
 
 KINDS = [Kind.AGENT.value, Kind.MODULE.value, Kind.POLICY.value, Kind.EPISODE.value]  # codes 0..3; 4 = any other kind
 AGENT, MODULE, POLICY, EPISODE, OTHER = range(5)
-RAW_COLUMNS = ["phase", "runner_id", "episode_id", "agent_id", "chunk_seq", "module_id", "reward", "pre_obs_reward", "n_pre_obs", "episode_done", "iteration"]
+RAW_COLUMNS = ["phase", "runner_id", "episode_id", "agent_id", "chunk_seq", "module_id", "reward", "pre_obs_reward", "n_rewards", "n_pre_obs",
+               "episode_done", "iteration", "reward_cancel", "reward_bits"]
 REP_COLUMNS = ["phase", "runner_id", "episode_id", "kind", "agent_id", "module_id", "value", "semantics", "metrics_call", "iteration"]
 _STRINGS = {"phase", "runner_id", "episode_id", "agent_id", "module_id", "kind", "semantics"}
 _DICT = pa.dictionary(pa.int32(), pa.string())
@@ -95,12 +96,18 @@ def _read_parts(run: Run, parts: list[Part], columns: list[str], a: int, b: int,
         # row group per original part).
         offsets = np.concatenate([[0], np.cumsum([g[2] for g in part.groups])]).astype(np.int64)
         wanted = [i for i, g in enumerate(part.groups) if g[1] >= a and g[0] <= b]
+        # Schema-1 raw parts lack the columns added in schema 2: read as null.
+        absent = [c for c in schema.V2_RAW_COLUMNS if c in columns] if part.version == 1 else []
+        present = [c for c in columns if c not in absent]
         try:
             with run.filesystem.open_input_file(part.path) as f:
                 if len(wanted) == len(part.groups):
-                    t = pq.read_table(f, columns=columns, read_dictionary=strings)
+                    t = pq.read_table(f, columns=present, read_dictionary=strings)
                 else:
-                    t = pq.ParquetFile(f, read_dictionary=strings).read_row_groups(wanted, columns=columns)
+                    t = pq.ParquetFile(f, read_dictionary=strings).read_row_groups(wanted, columns=present)
+            for c in absent:
+                t = t.append_column(c, pa.nulls(t.num_rows, schema.RAW_REWARDS.field(c).type))
+            t = t.select(columns + (["ord"] if "ord" in t.column_names else []))
         except (pa.ArrowInvalid, OSError) as e:
             raise CorruptRunError(f"{part.path}: unreadable Parquet ({str(e).splitlines()[0]}); the file is damaged — delete it to audit the rest, or re-record the run") from e
         rownum = None
@@ -203,6 +210,11 @@ def read_window(run: Run, raw_parts: list[Part], rep_parts: list[Part], a: int, 
     w.reward = num(raw, "reward", np.float64)
     w.pre = num(raw, "pre_obs_reward", np.float64)
     w.npre = num(raw, "n_pre_obs", np.int64)
+    w.nrew = num(raw, "n_rewards", np.int64)
+    # Σ|r| and significand bits per row (NaN / 53 where the part predates schema 2).
+    cancel = np.zeros(0) if raw is None else pc.fill_null(raw.column("reward_cancel").cast(pa.float64()), np.nan).to_numpy()
+    w.r_abs = np.abs(w.reward) + cancel  # ≥ Σ|r|
+    w.r_bits = np.zeros(0, np.int64) if raw is None else pc.fill_null(raw.column("reward_bits"), 53).to_numpy().astype(np.int64)
     w.done = num(raw, "episode_done", bool)
     w.r_iteration = num(raw, "iteration", np.int64)
     w.value = num(rep, "value", np.float64)

@@ -65,6 +65,8 @@ class SynthRun:
                         "n_rewards": 1,
                         "pre_obs_reward": float(pre),
                         "n_pre_obs": 1 if pre else 0,
+                        "reward_cancel": 0.0,
+                        "reward_bits": 53,
                         "episode_done": done and i == len(chunks) - 1,
                         "iteration": 1,
                     }

@@ -138,8 +138,8 @@ def _nan_reward(path: str) -> str:
     "damage, expected",
     [
         (_truncate, "unreadable Parquet"),
-        (_wrong_manifest_version, "schema version 99, this reward_audit reads version 1"),
-        (_wrong_part_version, "schema version 0, this reward_audit reads version 1"),
+        (_wrong_manifest_version, "schema version 99, this reward_audit reads versions 1, 2"),
+        (_wrong_part_version, "schema version 0, this reward_audit reads versions 1, 2"),
         (_other_tool, "not a reward_audit manifest"),
         (_corrupt_manifest, "not valid JSON"),
         (_nan_reward, "non-finite `reward`"),

@@ -43,6 +43,7 @@ def runs(draw):
                         "phase": "train", "runner_id": runner, "worker_index": 1, "env_index": 0, "episode_id": episode,
                         "chunk_seq": seq + c, "agent_id": a, "agent_id_type": "int", "module_id": mapping[a], "reward": r,
                         "n_rewards": 1, "pre_obs_reward": 0.0, "n_pre_obs": 0, "episode_done": c == chunks - 1 and not cut,
+                        "reward_cancel": 0.0, "reward_bits": 53,
                         "iteration": 1 + (seq + c) // 2,
                     }
                 )

@@ -144,7 +144,8 @@ def test_retap_updates_target_instead_of_double_counting():
     env.reset()
     env.step({0: 1})
     assert first._pending == {}
-    assert second._pending == {3: {0: [1.0, 1, 0.0, 0]}}
+    # [Σr, n, Σ pre-obs, n pre-obs, compensation, Σ|r|, significand bits, pre-obs compensation]
+    assert second._pending == {3: {0: [1.0, 1, 0.0, 0, 0.0, 1.0, 53, 0.0]}}
 
 
 class ScriptedEnv:
@@ -218,3 +219,22 @@ def test_ray212_evaluation_hook_order_reset_before_created():
     # first reward in e2 is pre-observation, and nothing of e1 leaked into e2.
     assert sums.loc[("e2", "w")].tolist() == [1.0, 0.0] and sums.loc[("e2", "b")].tolist() == [10.0, 10.0]
     assert df["episode_done"].all() and len(df) == 4  # one chunk per (episode, agent)
+
+
+def test_sums_are_compensated_and_record_what_bounds_their_rounding():
+    import numpy as np
+
+    from reward_audit.recorder import RunnerRecorder
+    from reward_audit.schema import Phase
+
+    rec = RunnerRecorder(Phase.TRAIN, 0, mapping_of=lambda e: {0: "p0"})
+    rec.tap_reset(0, {0: 0})
+    rewards = [1e17, 0.25, -1e17, 0.5, np.float32(0.125)]  # naive float64 summation loses the 0.25 and 0.5
+    for r in rewards:
+        rec.tap_step(0, {0: 0}, {0: r})
+    rec.episode_ends("e", 0, None, mapping={0: "p0"})
+    rec.sample_ends()
+    [row] = rec.drain()["raw_rewards"]
+    assert sum(rewards) != 0.875 and row["reward"] == 0.875  # exact: 0.25 + 0.5 + 0.125
+    assert row["n_rewards"] == 5 and row["reward_bits"] == 24  # one float32 reward
+    assert row["reward_cancel"] >= 2e17 and (row["reward_cancel"] - 2e17) / 2e17 < 1e-6  # Σ|r| - |Σr|, rounded up

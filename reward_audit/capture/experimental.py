@@ -1,5 +1,9 @@
 """Capture adapter: RLlib's *experimental* new API stack, Ray 2.10 – 2.3x (``detect()``: < 2.40).
 
+Arithmetic (for the rounding bound, docs/verdicts.md): ``SingleAgentEpisode.get_return()`` is
+``sum(self.get_rewards())`` (2.12: single_agent_episode.py:1581); ``get_metrics()`` adds earlier
+chunks' returns with ``+=`` (multi_agent_env_runner.py:591-595).
+
 Selected with ``config.experimental(_enable_new_api_stack=True)`` plus
 ``config.rollouts(env_runner_cls=MultiAgentEnvRunner)``. Only Ray 2.12.0 was verified
 (installed source and real runs); the other 2.1x – 2.3x releases are routed here by

@@ -1,5 +1,10 @@
 """Capture adapter: RLlib's new API stack, Ray 2.4x – 2.60 (``MultiAgentEnvRunner``).
 
+Arithmetic (for the rounding bound, docs/verdicts.md): ``SingleAgentEpisode.get_return()`` is
+``sum(self.get_rewards())``, one by one in the rewards' own type (float32 stays float32);
+``get_metrics()`` adds earlier chunks' and a module's agents' returns with ``+=`` (2.53 / 2.60
+source).
+
 Change log — what the numbers meant, per Ray version:
 
 * per-episode values: ``MultiAgentEnvRunner.get_metrics()`` sums each done episode's

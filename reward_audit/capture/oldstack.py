@@ -2,6 +2,10 @@
 Ray 2.10 – 2.60. The default stack on Ray 2.12; on 2.4x+ selected with
 ``.api_stack(enable_rl_module_and_learner=False, enable_env_runner_and_connector_v2=False)``.
 
+Arithmetic (for the rounding bound, docs/verdicts.md): ``EpisodeV2`` adds each reward to
+``agent_rewards[(agent, policy)]`` and ``total_reward`` with ``+=`` (episode_v2.py:234-235 in 2.60
+and 2.12), in the rewards' own type.
+
 Change log — what the numbers meant, per Ray version (line numbers: 2.60 / 2.12 installed
 source; the logic is identical in 2.12, 2.53 and 2.60):
 
