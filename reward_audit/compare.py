@@ -170,6 +170,12 @@ def _explain_row(r: Any, feats: pd.DataFrame, atol: float | None = None, rtol: f
         return Verdict.MISMATCH, f"RLlib reported {r.value} (a non-finite value; a return is a finite sum of finite rewards)", own
     if not math.isfinite(r.truth):
         return Verdict.MISMATCH, f"the truth overflows float64 ({r.truth}); the env's rewards are too large to sum", own
+    clipped = getattr(r, "clipped", math.nan)
+    if not r.missing_report and math.isfinite(clipped) and abs(r.value - clipped) <= r.tol:
+        return Verdict.MISMATCH, (
+            f"reported = Σ clip(r) = {clipped:.6g}: RLlib clipped the env's rewards before counting them (`clip_rewards`), "
+            f"so this number is not what the env paid ({r.truth:.6g})"
+        ), own
     verdict, text = explain(r.diff, feats.set_index("agent_id")[["earlier", "final"]], own, float(r.tol))
     return Verdict(verdict), prefix + text, own
 

@@ -34,8 +34,9 @@ logger = logging.getLogger("reward_audit")
 
 AgentId = Hashable
 # [reward sum, n rewards, pre-obs sum, n pre-obs, reward compensation, Σ|r|, fewest significand
-#  bits, pre-obs compensation]: sums are Neumaier-compensated, so sum + compensation is the
-# exact sum rounded once, whatever the order and magnitudes of the rewards.
+#  bits, pre-obs compensation, Σ clip(r) of counted rewards, its compensation]: sums are
+# Neumaier-compensated, so sum + compensation is the exact sum rounded once, whatever the
+# order and magnitudes of the rewards.
 Acc = list
 _BITS = {2: 11, 4: 24}  # itemsize of a float dtype -> significand bits (8 bytes: 53)
 
@@ -68,7 +69,17 @@ def _round_up_f32(x: float) -> float:
 
 
 def _new_acc() -> Acc:
-    return [0.0, 0, 0.0, 0, 0.0, 0.0, 53, 0.0]
+    return [0.0, 0, 0.0, 0, 0.0, 0.0, 53, 0.0, 0.0, 0.0]
+
+
+def clip_function(setting: Any) -> Callable[[float], float] | None:
+    """RLlib's ``ClipRewardAgentConnector``: ``True`` -> sign, a float c -> clip to [-c, c];
+    anything else (``None``, ``False``, an ``int``) clips nothing."""
+    if setting is True or setting == "sign":
+        return lambda r: (r > 0) - (r < 0) + 0.0
+    if type(setting) is float:
+        return lambda r: max(-setting, min(setting, r))
+    return None
 
 
 class _Episode:
@@ -89,7 +100,7 @@ def _merge(into: dict[AgentId, Acc], other: dict[AgentId, Acc]) -> None:
         if a is None:
             into[aid] = list(b)
             continue
-        for i, c, x in ((0, 4, b[0]), (0, 4, b[4]), (2, 7, b[2]), (2, 7, b[7])):
+        for i, c, x in ((0, 4, b[0]), (0, 4, b[4]), (2, 7, b[2]), (2, 7, b[7]), (8, 9, b[8]), (8, 9, b[9])):
             _add(a, i, c, x)
         a[1] += b[1]
         a[3] += b[3]
@@ -117,6 +128,7 @@ class RunnerRecorder:
         self._raw_rows: list[dict] = []
         self._reported_rows: list[dict] = []
         self.failures = 0
+        self.clip: Callable[[float], float] | None = None  # RLlib's reward clipping, if on (old stack)
 
     # ------------------------------------------------------------------ the tap
 
@@ -139,6 +151,8 @@ class RunnerRecorder:
             if aid not in observed:
                 _add(a, 2, 7, r)
                 a[3] += 1
+            elif self.clip is not None:
+                _add(a, 8, 9, self.clip(r))
         if isinstance(obs, dict):
             observed.update(obs.keys())
 
@@ -204,7 +218,7 @@ class RunnerRecorder:
         for state in self._touched.values():
             if not state.done:
                 state.mapping.update(self._read_mapping(state))
-            for aid, (r, n, pr, pn, rc, r_abs, bits, pc) in state.acc.items():
+            for aid, (r, n, pr, pn, rc, r_abs, bits, pc, clipped, cc) in state.acc.items():
                 module = state.mapping.get(aid)
                 self._raw_rows.append(
                     {
@@ -223,6 +237,7 @@ class RunnerRecorder:
                         "n_pre_obs": pn,
                         "reward_cancel": _round_up_f32(r_abs - abs(r + rc)),
                         "reward_bits": bits,
+                        "reward_clipped": None if self.clip is None else clipped + cc,
                         "episode_done": state.done,
                     }
                 )

@@ -82,9 +82,10 @@ RAW_REWARDS = pa.schema(
         pa.field("iteration", pa.int64(), nullable=False),
         pa.field("reward_cancel", pa.float32()),
         pa.field("reward_bits", pa.int32()),
+        pa.field("reward_clipped", pa.float64()),
     ]
 )
-V2_RAW_COLUMNS = ("reward_cancel", "reward_bits")  # absent from schema-1 parts
+V2_RAW_COLUMNS = ("reward_cancel", "reward_bits", "reward_clipped")  # absent from schema-1 parts
 
 RAW_REWARDS_DOC = {
     "phase": "`train` or `evaluation` (the env runner's `config.in_evaluation`).",
@@ -103,6 +104,7 @@ RAW_REWARDS_DOC = {
     "episode_done": "True if the episode terminated or truncated within this chunk.",
     "iteration": "Training iterations completed when the driver collected the row (train rows: the `training_iteration` of the result that sampled them).",
     "reward_cancel": "Σ|r| − |reward| over the same rewards, rounded up to float32 (0 unless the rewards change sign): |reward| + this bounds Σ|r|, which with `n_rewards` and `reward_bits` bounds the rounding of any float sum of them (schema 2; null in schema 1).",
+    "reward_clipped": "Only when RLlib clips rewards before counting them (old stack `clip_rewards`, Atari): the sum of the clipped counted rewards, Σ clip(r) — what RLlib's returns are then made of. Null otherwise (schema 2).",
     "reward_bits": "Fewest significand bits among the rewards' types (53 float64 / Python float or int, 24 float32, 11 float16): RLlib sums in that precision (schema 2).",
 }
 

@@ -172,6 +172,7 @@ def _iterations(
                     "iteration": pa.array(np.full(m, it, dtype=np.int64)),
                     "reward_cancel": pa.array(np.zeros(m, dtype=np.float32)),
                     "reward_bits": pa.array(np.full(m, 53, dtype=np.int32)),
+                    "reward_clipped": pa.nulls(m, pa.float64()),
                 },
                 schema=schema.RAW_REWARDS,
             )

@@ -189,6 +189,9 @@ def _truth(w: Window) -> None:
     w.g_counted = np.bincount(g, weights=counted_row, minlength=G)
     # What bounds the rounding of any float sum of the group's rewards: Σ|r|, how many, the
     # fewest significand bits; unknown (schema-1 rows) where Σ|r| was not recorded.
+    # Σ clip(r) where RLlib clips rewards (NaN when any row has none recorded).
+    w.g_clipped = np.bincount(g, weights=np.nan_to_num(w.r_clipped), minlength=G).astype(np.float64)
+    w.g_clipped[np.bincount(g, weights=np.isnan(w.r_clipped), minlength=G) > 0] = np.nan
     unknown_row = np.isnan(w.r_abs)
     g_bits = np.full(G, 53, np.int64)
     np.minimum.at(g_bits, g, w.r_bits)
@@ -262,6 +265,7 @@ def _close(w: Window, last: bool, check_late: bool, ctx: _Context) -> pa.Table |
             "iteration": pa.array(w.r_iteration[keep], pa.int64()),
             "reward_cancel": pa.array((w.r_abs - np.abs(w.reward))[keep].astype(np.float32), from_pandas=True),
             "reward_bits": pa.array(w.r_bits[keep].astype(np.int32)),
+            "reward_clipped": pa.array(w.r_clipped[keep], from_pandas=True),
             "file": pa.array(np.asarray(w.raw_files, dtype=object)[w.raw_file[keep]].astype(str)),
         }
     )
@@ -330,24 +334,31 @@ def _match(w: Window, ctx: _Context) -> None:
     m_index = KeyMap(muniq, E * nm)
     esum = np.bincount(w.g_eid, weights=w.g_counted, minlength=E)
     m_stats, e_stats = _sum_stats(w.g_stats[mg], mid, len(muniq)), _sum_stats(w.g_stats, w.g_eid, E)
+    mclip = np.bincount(mid, weights=w.g_clipped[mg], minlength=len(muniq))
+    eclip = np.bincount(w.g_eid, weights=w.g_clipped, minlength=E)
+    clipped = np.full(len(idx), np.nan)
     truth = np.zeros(len(idx))
     own = np.tile(_NO_AGENTS, (len(idx), 1))  # Σ|r|, n, bits, unknown, agents of the value's own agents
     a_rows = kind == AGENT
     truth[a_rows & g_ok] = w.g_counted[g[a_rows & g_ok]]
     own[a_rows & g_ok] = w.g_stats[g[a_rows & g_ok]]
+    clipped[a_rows & g_ok] = w.g_clipped[g[a_rows & g_ok]]
     p_rows = (kind == POLICY) & g_ok
     p_match = p_rows.copy()
     p_match[p_rows] = w.g_module[g[p_rows]] == module[p_rows]
     truth[p_match] = w.g_counted[g[p_match]]
     own[p_match] = w.g_stats[g[p_match]]
+    clipped[p_match] = w.g_clipped[g[p_match]]
     m_rows = kind == MODULE
     mi = m_index(np.where(module[m_rows] >= 0, eid[m_rows] * nm + module[m_rows], -1))
     m_hit = (mi >= 0) & (module[m_rows] >= 0)
     truth[np.flatnonzero(m_rows)[m_hit]] = msum[mi[m_hit]]
     own[np.flatnonzero(m_rows)[m_hit]] = m_stats[mi[m_hit]]
+    clipped[np.flatnonzero(m_rows)[m_hit]] = mclip[mi[m_hit]]
     e_rows = (kind == EPISODE) | (kind == OTHER)
     truth[e_rows] = esum[eid[e_rows]]
     own[e_rows] = e_stats[eid[e_rows]]
+    clipped[e_rows] = eclip[eid[e_rows]]
     # Expected values RLlib never reported (of kinds it reported for that episode).
     def reported(keys: np.ndarray, space: int) -> KeyMap:
         return KeyMap(keys[keys >= 0], space)
@@ -383,6 +394,7 @@ def _match(w: Window, ctx: _Context) -> None:
     w.c_iteration = np.concatenate([w.p_iteration[idx], np.full(n_miss, -1)])
     w.c_phase = w.ep_phase[w.c_eid]
     own = np.concatenate([own] + [x[5] for x in miss])
+    w.c_clipped = np.concatenate([clipped, np.full(n_miss, np.nan)])
     with np.errstate(invalid="ignore", over="ignore"):
         w.c_diff = w.c_value - w.c_truth
         w.c_tol = _tolerance(own, w.ep_chunks[w.c_eid], w.c_truth, w.c_value, ctx)
@@ -473,6 +485,7 @@ def _frame(w: Window, rows: np.ndarray, keys: np.ndarray, phases: np.ndarray) ->
             "value": w.c_value[rows],
             "diff": w.c_diff[rows],
             "tol": w.c_tol[rows],
+            "clipped": w.c_clipped[rows],
             "chunks": w.ep_chunks[e],
             "missing_report": w.c_missing[rows],
             "ord": np.where(w.c_missing[rows], np.nan, w.c_ord[rows].astype(float)),

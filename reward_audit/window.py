@@ -24,7 +24,7 @@ from .store import Part, Run
 KINDS = [Kind.AGENT.value, Kind.MODULE.value, Kind.POLICY.value, Kind.EPISODE.value]  # codes 0..3; 4 = any other kind
 AGENT, MODULE, POLICY, EPISODE, OTHER = range(5)
 RAW_COLUMNS = ["phase", "runner_id", "episode_id", "agent_id", "chunk_seq", "module_id", "reward", "pre_obs_reward", "n_rewards", "n_pre_obs",
-               "episode_done", "iteration", "reward_cancel", "reward_bits"]
+               "episode_done", "iteration", "reward_cancel", "reward_bits", "reward_clipped"]
 REP_COLUMNS = ["phase", "runner_id", "episode_id", "kind", "agent_id", "module_id", "value", "semantics", "metrics_call", "iteration"]
 _STRINGS = {"phase", "runner_id", "episode_id", "agent_id", "module_id", "kind", "semantics"}
 _DICT = pa.dictionary(pa.int32(), pa.string())
@@ -214,6 +214,7 @@ def read_window(run: Run, raw_parts: list[Part], rep_parts: list[Part], a: int, 
     # Σ|r| and significand bits per row (NaN / 53 where the part predates schema 2).
     cancel = np.zeros(0) if raw is None else pc.fill_null(raw.column("reward_cancel").cast(pa.float64()), np.nan).to_numpy()
     w.r_abs = np.abs(w.reward) + cancel  # ≥ Σ|r|
+    w.r_clipped = np.zeros(0) if raw is None else pc.fill_null(raw.column("reward_clipped"), np.nan).to_numpy().astype(np.float64)
     w.r_bits = np.zeros(0, np.int64) if raw is None else pc.fill_null(raw.column("reward_bits"), 53).to_numpy().astype(np.int64)
     w.done = num(raw, "episode_done", bool)
     w.r_iteration = num(raw, "iteration", np.int64)

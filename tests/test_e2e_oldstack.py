@@ -375,15 +375,56 @@ def test_reported_values_are_agent_rewards_and_total():
     assert dict(episode.agent_rewards) == {(0, "p_0"): 3.0, (1, "p_1"): 30.0}  # the defaultdict was not grown
 
 
-def test_clipped_rewards_are_not_recorded_as_counted_sums(caplog):
+def test_clip_setting_is_read_like_rllib_and_values_are_still_recorded():
+    from reward_audit.capture.oldstack import _clip_setting
+
     adapter = OldStackAdapter("2.60.0")
     recorder = RunnerRecorder(Phase.TRAIN, 0, adapter.mapping_of)
-    for clip, recorded in ((True, False), (5.0, False), (None, True), (1, True)):  # an int clips nothing
+    for clip, atari, setting in ((True, None, True), (5.0, None, 5.0), (None, None, None), (1, None, None), (None, True, True), (False, True, None)):
+        config = SimpleNamespace(clip_rewards=clip, _is_atari=atari)
+        assert _clip_setting(config) == setting, (clip, atari)  # an int clips nothing; Atari clips by sign
         episode = FakeEpisode(1, {0: "p"})
         episode.agent_rewards[(0, "p")] = 7.0
-        episode.worker = SimpleNamespace(config=SimpleNamespace(clip_rewards=clip, _is_atari=None))
+        episode.worker = SimpleNamespace(config=config)
         adapter.reported_at_episode_end(recorder, episode)
-        assert bool(recorder.drain()["reported_episodes"]) is recorded, clip
+        assert recorder.drain()["reported_episodes"], clip  # recorded: the audit shows what clipping did
+
+
+@pytest.mark.parametrize(("clip", "per_step"), [(True, {0: 1.0, 1: 1.0}), (2.5, {0: 1.0, 1: 2.5})])
+def test_clip_rewards_on_the_old_stack_is_a_failing_explained_finding(ray_instance, tmp_path, clip, per_step):
+    # The env pays 1 and 10 per step; RLlib's ClipRewardAgentConnector rewrites them before
+    # EpisodeV2 counts them, so every reported return is a sum of clipped rewards.
+    out = str(tmp_path / "out")
+    env_config = {"agents": [0, 1], "scales": [1.0, 10.0], "episode_len": 10}
+    config = old_stack_config(ScaledRewardsEnv, env_config, ["p_0", "p_1"], map_by_id, out).environment(clip_rewards=clip)
+    train(config, 1)
+    audit = compare(out)
+    for key, paid in (("p_0", 1.0), ("p_1", 10.0)):
+        f = next(f for f in audit.findings if (f.phase, f.kind, f.key) == ("train", "policy", key))
+        clipped = per_step[int(key[-1])]
+        assert f.truth == pytest.approx(10 * paid) and f.reported == pytest.approx(10 * clipped)
+        if clipped == paid:  # agent 0's reward of 1 is unchanged by clip_rewards=2.5... and sign(1) = 1
+            assert f.verdict == Verdict.CLEAN
+            continue
+        assert f.verdict == Verdict.MISMATCH and f.counts[Verdict.MISMATCH.value] == f.episodes
+        assert f"in {f.counts['MISMATCH']}/{f.counts['MISMATCH']} wrong values: reported = Σ clip" in f.message
+        assert all("RLlib clipped the env's rewards" in e.explanation for e in f.evidence)
+    assert not audit.ok
+
+
+def test_clip_rewards_on_the_new_stack_reports_what_the_env_paid(ray_instance, tmp_path):
+    # On the new stack clipping happens in the learner connector, after the metrics: CLEAN.
+    from helpers import new_stack_ppo_config
+
+    out = str(tmp_path / "out")
+    env_config = {"agents": [0, 1], "scales": [1.0, 10.0], "episode_len": 10}
+    if not SPELLING_24X:
+        pytest.skip("the 2.4x+ new stack only")
+    train(new_stack_ppo_config(ScaledRewardsEnv, env_config, ["p_0", "p_1"], map_by_id, out).environment(clip_rewards=True), 1)
+    audit = compare(out)
+    assert audit.ok, [str(f) for f in audit.findings]
+    p1 = next(f for f in audit.findings if (f.phase, f.kind, f.key) == ("train", "module", "p_1"))
+    assert p1.truth == pytest.approx(100.0) and p1.reported == pytest.approx(100.0)
 
 
 @pytest.mark.parametrize(

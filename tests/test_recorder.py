@@ -144,8 +144,8 @@ def test_retap_updates_target_instead_of_double_counting():
     env.reset()
     env.step({0: 1})
     assert first._pending == {}
-    # [Σr, n, Σ pre-obs, n pre-obs, compensation, Σ|r|, significand bits, pre-obs compensation]
-    assert second._pending == {3: {0: [1.0, 1, 0.0, 0, 0.0, 1.0, 53, 0.0]}}
+    # [Σr, n, Σ pre-obs, n pre-obs, compensation, Σ|r|, significand bits, pre-obs compensation, Σ clip(r), its compensation]
+    assert second._pending == {3: {0: [1.0, 1, 0.0, 0, 0.0, 1.0, 53, 0.0, 0.0, 0.0]}}
 
 
 class ScriptedEnv:

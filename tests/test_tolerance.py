@@ -156,6 +156,8 @@ def test_faults_just_above_the_bound_are_found_and_no_fault_is_clean(tmp_path_fa
         if bound == 0.0:
             return
         ep = {"a": ep["a"], "b": [[dtype(k * bound)]] + [[] for _ in ep["a"][1:]]}
+        if float(ep["b"][0][0]) <= bound:  # underflowed in the rewards' own type: no leak to find
+            return
         reported += float(ep["b"][0][0])
     elif fault == "drop":
         a_last = sum(float(x) for x in ep["a"][-1])

@@ -29,10 +29,11 @@ source; the logic is identical in 2.12, 2.53 and 2.60):
   (Ray PR #31092), the agent connector ``ClipRewardAgentConnector`` rewrites the reward
   *before* it reaches ``agent_rewards`` (2.60 ``connectors/util.py:41-58``), so every
   reported return, and the dashboards, are sums of clipped rewards (seen on 2.60:
-  ``episode_reward_mean`` 60.0 where the env paid 315.4 per episode). We then record no
-  per-episode values (their semantics is not ``episode_sum_counted``, and chunk-grain raw
-  rows cannot rebuild a per-step clip) and the audit says UNVERIFIED. Quirk: an ``int``
-  ``clip_rewards`` (e.g. ``1``) clips nothing.
+  ``episode_reward_mean`` 60.0 where the env paid 315.4 per episode). RLlib documents
+  clipping as a postprocessing step; the dashboards do not show what the env paid. The tap
+  then also sums the clipped counted rewards (``reward_clipped``), and the audit shows each
+  such value as MISMATCH, explained per episode as "reported = Σ clip(r)". Quirk: an
+  ``int`` ``clip_rewards`` (e.g. ``1``) clips nothing.
 * episode ids: ``EpisodeV2.episode_id = random.randrange(1e18)`` from Python's global
   ``random`` (``episode_v2.py:48`` / ``:47``); with ``config.seed`` every worker re-seeds it,
   so ids repeat across runs and after an actor restart. We key episodes by
@@ -87,7 +88,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ..recorder import RunnerRecorder
+from ..recorder import RunnerRecorder, clip_function
 from ..schema import IterationSemantics as S
 from ..schema import Kind
 from .base import Adapter, install_tap
@@ -116,11 +117,15 @@ PATHS_ENV_RUNNERS = _paths("env_runners/") + (
 PATHS_2_1X = _paths("") + _paths("sampler_results/")
 
 
-def _clips_rewards(config: Any) -> bool:
-    """Whether RLlib's ``ClipRewardAgentConnector`` rewrites rewards (``connectors/util.py``).
-    Reads ``_is_atari`` instead of the ``is_atari`` property, which may build the env."""
-    clip = getattr(config, "clip_rewards", None) or getattr(config, "_is_atari", None)
-    return clip is True or type(clip) is float
+def _clip_setting(config: Any) -> Any:
+    """What RLlib's ``ClipRewardAgentConnector`` does to rewards (``connectors/util.py``):
+    ``True`` (or an Atari env with ``clip_rewards`` unset) -> sign, a float -> that limit,
+    else nothing. Reads ``_is_atari`` instead of the ``is_atari`` property, which may build
+    the env."""
+    clip = getattr(config, "clip_rewards", None)
+    if clip is None and getattr(config, "_is_atari", None):
+        clip = True
+    return clip if (clip is True or type(clip) is float) else None
 
 
 class OldStackAdapter(Adapter):
@@ -178,19 +183,19 @@ class OldStackAdapter(Adapter):
                 recorder.runner_id,
             )
             return recorder
+        recorder.clip = clip_function(_clip_setting(getattr(worker, "config", None)))
         install_tap(sub_env, recorder, int(index))
         return recorder
 
     def reported_at_episode_end(self, recorder: RunnerRecorder, episode: Any) -> None:
         config = getattr(getattr(episode, "worker", None), "config", None)
-        if config is not None and _clips_rewards(config):
+        if config is not None and _clip_setting(config) is not None:
             self._warn_once(
                 "clip",
-                "reward_audit: `clip_rewards` is on (or the env is Atari): RLlib's reported returns "
-                "are sums of clipped rewards, which reward_audit cannot rebuild; per-episode values "
-                "are not recorded and the audit will be UNVERIFIED",
+                "reward_audit: `clip_rewards` is on (or the env is Atari): RLlib counts clipped rewards, so "
+                "its reported returns and dashboards are not what the env paid; the audit will show it "
+                "(MISMATCH, reported = Σ clip(r))",
             )
-            return
         policies = {(aid, pid): float(value) for (aid, pid), value in list(episode.agent_rewards.items())}
         recorder.reported_episode(
             self.episode_id(episode, recorder),
