@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -25,19 +26,31 @@ import pandas as pd
 MAX_AGENTS_EXACT = 6  # 4**6 = 4096 combinations; beyond that, agents are grouped
 
 
-def _terms(features: pd.DataFrame, own: set[str]) -> list[tuple[str, str, float]]:
+Features = "pd.DataFrame | dict[str, tuple[float, float]]"  # agent -> (earlier, final)
+
+
+def _as_dict(features: Any) -> dict[str, tuple[float, float]]:
+    """An episode's features as ``{agent: (earlier, final)}`` (a DataFrame indexed by agent
+    with ``earlier`` / ``final`` columns is accepted too)."""
+    if isinstance(features, dict):
+        return features
+    return {str(a): (float(e), float(f)) for a, e, f in zip(features.index, features["earlier"], features["final"])}
+
+
+def _terms(features: Any, own: set[str]) -> list[tuple[str, str, float]]:
     """(agent label, part, signed value) candidates; grouped when there are many agents."""
+    features = _as_dict(features)
     terms = []
     if len(features) <= MAX_AGENTS_EXACT:
-        for agent, row in features.iterrows():
+        for agent, (earlier, final) in features.items():
             sign = -1.0 if agent in own else 1.0
-            terms.append((str(agent), "earlier", sign * float(row["earlier"])))
-            terms.append((str(agent), "final", sign * float(row["final"])))
+            terms.append((agent, "earlier", sign * earlier))
+            terms.append((agent, "final", sign * final))
         return terms
-    is_own = features.index.isin(list(own))
-    for label, mask, sign in (("own agents", is_own, -1.0), ("other agents", ~is_own, 1.0)):
-        terms.append((label, "earlier", sign * float(features.loc[mask, "earlier"].sum())))
-        terms.append((label, "final", sign * float(features.loc[mask, "final"].sum())))
+    for label, mine, sign in (("own agents", True, -1.0), ("other agents", False, 1.0)):
+        parts = [v for a, v in features.items() if (a in own) is mine]
+        terms.append((label, "earlier", sign * math.fsum(e for e, _ in parts)))
+        terms.append((label, "final", sign * math.fsum(f for _, f in parts)))
     return terms
 
 
@@ -114,14 +127,14 @@ class Attribution:
         return text
 
 
-def feature_row(features: pd.DataFrame, own: set[str]) -> dict[str, float]:
+def feature_row(features: Any, own: set[str]) -> dict[str, float]:
     """An episode's features: each agent's earlier / final-chunk counted rewards, labelled
     own (mapped to the key) or other."""
     row = {}
-    for agent, values in features.iterrows():
+    for agent, (earlier, final) in _as_dict(features).items():
         side = "own" if agent in own else "other"
-        for part in ("earlier", "final"):
-            row[f"agent {agent} {part} chunks ({side})"] = float(values[part])
+        row[f"agent {agent} earlier chunks ({side})"] = earlier
+        row[f"agent {agent} final chunks ({side})"] = final
     return row
 
 

@@ -43,7 +43,7 @@ __all__ = ["compare", "episodes_frame", "Audit", "Finding", "Evidence", "Verdict
 
 KIND_ORDER = {Kind.MODULE.value: 0, Kind.POLICY.value: 1, Kind.AGENT.value: 2, Kind.EPISODE.value: 3}
 EXPLAIN_LIMIT = 200  # wrong values explained (and fitted) per finding, largest differences first
-WINDOW_ROWS = 750_000  # raw rows per streaming window (peak RSS well under 1 GiB)
+WINDOW_ROWS = 500_000  # raw rows per streaming window (peak RSS well under 1 GiB)
 _ORDER = ["phase", "kind", "key", "nan", "abs", "ord", "runner_id", "episode_id"]
 
 
@@ -116,7 +116,7 @@ def episodes_frame(run: Run | str, *, atol: float | None = None, rtol: float | N
     table = pd.concat(result.rows, ignore_index=True).sort_values(["ord", "runner_id", "episode_id", "kind"], na_position="last", kind="stable")
     feats = pd.concat(result.features, ignore_index=True).drop_duplicates(["runner_id", "episode_id", "agent_id"])
     feats = feats.sort_values(["runner_id", "episode_id", "first_chunk", "agent_id"], kind="stable")
-    groups = {k: g for k, g in feats.groupby(["runner_id", "episode_id"], sort=False)}
+    groups = _episode_features(feats)
     verdicts, explanations = [], []
     for r in table.itertuples(index=False):
         if r.clean:
@@ -154,9 +154,22 @@ def _nothing_verified(run: Run, result: Tally, findings: list[Finding]) -> list[
     return out
 
 
-def _explain_row(r: Any, feats: pd.DataFrame, atol: float | None = None, rtol: float | None = None) -> tuple[Verdict, str, set]:
+def _episode_features(feats: pd.DataFrame) -> dict[tuple[str, str], tuple[dict, dict]]:
+    """Per (runner, episode): ``({agent: module}, {agent: (earlier, final)})``, in the order
+    the episode's agents first appear (first chunk, then id)."""
+    out: dict[tuple[str, str], tuple[dict, dict]] = {}
+    for runner, episode, agent, module, earlier, final in zip(
+        feats["runner_id"], feats["episode_id"], feats["agent_id"], feats["module_id"], feats["earlier"], feats["final"]
+    ):
+        mapping, values = out.setdefault((runner, episode), ({}, {}))
+        mapping[agent] = module
+        values[agent] = (float(earlier), float(final))
+    return out
+
+
+def _explain_row(r: Any, feats: tuple[dict, dict], atol: float | None = None, rtol: float | None = None) -> tuple[Verdict, str, set]:
     """Verdict and explanation of one wrong value from its episode's per-agent features."""
-    mapping = dict(zip(feats["agent_id"], feats["module_id"]))
+    mapping, values = feats
     if r.kind == Kind.AGENT.value:
         own = {r.agent_id} if r.agent_id in mapping else set()
     elif r.kind == Kind.MODULE.value:
@@ -176,7 +189,7 @@ def _explain_row(r: Any, feats: pd.DataFrame, atol: float | None = None, rtol: f
             f"reported = Σ clip(r) = {clipped:.6g}: RLlib clipped the env's rewards before counting them (`clip_rewards`), "
             f"so this number is not what the env paid ({r.truth:.6g})"
         ), own
-    verdict, text = explain(r.diff, feats.set_index("agent_id")[["earlier", "final"]], own, float(r.tol))
+    verdict, text = explain(r.diff, values, own, float(r.tol))
     return Verdict(verdict), prefix + text, own
 
 
@@ -192,9 +205,9 @@ def _findings(run: Run, result: Tally, max_evidence: int, atol: float | None, rt
     bad = pd.concat(result.bad, ignore_index=True) if result.bad else pd.DataFrame(columns=["phase", "kind", "key", "diff", "ord", "runner_id", "episode_id"])
     bad = bad.assign(nan=bad["diff"].isna().astype(int), abs=-bad["diff"].abs()).sort_values(_ORDER, na_position="last", kind="stable")
     bad = bad.groupby(["phase", "kind", "key"], sort=False, dropna=False).head(EXPLAIN_LIMIT)
-    feats = pd.concat(result.features, ignore_index=True) if result.features else pd.DataFrame(columns=["runner_id", "episode_id", "first_chunk", "agent_id"])
+    feats = pd.concat(result.features, ignore_index=True) if result.features else pd.DataFrame(columns=["runner_id", "episode_id", "agent_id", "module_id", "earlier", "final", "first_chunk"])
     feats = feats.drop_duplicates(["runner_id", "episode_id", "agent_id"]).sort_values(["runner_id", "episode_id", "first_chunk", "agent_id"], kind="stable")
-    groups = {k: g for k, g in feats.groupby(["runner_id", "episode_id"], sort=False)}
+    groups = _episode_features(feats)
     bad_by_key = {k: g for k, g in bad.groupby(["phase", "kind", "key"], sort=False)}
     keys = sorted(result.keys.items(), key=lambda kv: (kv[1][0], kv[0][0], kv[0][1], str(kv[0][2])))
     for (phase, kind, key), st in keys:
@@ -299,7 +312,7 @@ def _failing(
     finite = [(r, own) for r, own in zip(rows.itertuples(index=False), owns) if math.isfinite(r.value) and math.isfinite(r.truth)]
     attribution = None
     if finite:
-        model = fit(np.array([r.value for r, _ in finite]), [feature_row(groups[(r.runner_id, r.episode_id)].set_index("agent_id")[["earlier", "final"]], own) for r, own in finite])
+        model = fit(np.array([r.value for r, _ in finite]), [feature_row(groups[(r.runner_id, r.episode_id)][1], own) for r, own in finite])
         attribution = model.formula(f"reported({kind} {key})")
     return Finding(phase, kind, key, label, n_eps, truth, reported, reported - truth, message, counts, evidence, attribution)
 

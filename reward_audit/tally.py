@@ -187,24 +187,19 @@ def _truth(w: Window) -> None:
     G = len(gkeys)
     w.g_eid, w.g_agent = (gkeys // na).astype(np.int64), (gkeys % na).astype(np.int64)
     w.g_counted = np.bincount(g, weights=counted_row, minlength=G)
-    # What bounds the rounding of any float sum of the group's rewards: Σ|r|, how many, the
-    # fewest significand bits; unknown (schema-1 rows) where Σ|r| was not recorded.
     # Σ clip(r) where RLlib clips rewards (NaN when any row has none recorded).
     w.g_clipped = np.bincount(g, weights=np.nan_to_num(w.r_clipped), minlength=G).astype(np.float64)
     w.g_clipped[np.bincount(g, weights=np.isnan(w.r_clipped), minlength=G) > 0] = np.nan
+    # What bounds the rounding of any float sum of the group's rewards: how many, Σ|r|, the
+    # fewest significand bits; unknown (schema-1 rows) where Σ|r| was not recorded.
     unknown_row = np.isnan(w.r_abs)
-    g_bits = np.full(G, 53, np.int64)
-    np.minimum.at(g_bits, g, w.r_bits)
-    w.g_stats = np.stack(
-        [
-            np.bincount(g, weights=np.where(unknown_row, 0.0, w.r_abs), minlength=G),
-            np.bincount(g, weights=w.nrew, minlength=G),
-            g_bits,
-            np.bincount(g, weights=unknown_row, minlength=G),
-            np.ones(G),
-        ],
-        axis=1,
-    )
+    w.g_n = np.bincount(g, weights=w.nrew, minlength=G)
+    w.g_abs = np.bincount(g, weights=np.where(unknown_row, 0.0, w.r_abs), minlength=G)
+    w.g_unknown = np.bincount(g, weights=unknown_row, minlength=G) > 0
+    w.g_bits = np.full(G, 53, np.int64)
+    if (w.r_bits != 53).any():
+        np.minimum.at(w.g_bits, g, w.r_bits)
+    w.g_bound = _bound(w.g_n, w.g_abs, w.g_bits, w.g_unknown, w.ep_chunks[w.g_eid], np.ones(G))
     w.g_pre = np.bincount(g, weights=w.pre, minlength=G)
     w.g_npre = np.bincount(g, weights=w.npre, minlength=G).astype(np.int64)
     w.g_final = np.bincount(g, weights=np.where(w.chunk == ep_max[w.r_eid], counted_row, 0.0), minlength=G)
@@ -233,14 +228,12 @@ def _close(w: Window, last: bool, check_late: bool, ctx: _Context) -> pa.Table |
     h_episode = pd.util.hash_array(np.asarray(w.episodes, dtype=object)) if len(w.episodes) else np.zeros(0, np.uint64)
     hashes = h_runner[w.ep_runner] ^ (h_episode[w.ep_episode] * np.uint64(1000003))
     if check_late and ctx.closed:
-        late = np.zeros(len(hashes), bool)
-        for seen in ctx.closed:  # one sorted array per earlier window
-            pos = np.minimum(np.searchsorted(seen, hashes), len(seen) - 1)
-            late |= seen[pos] == hashes
+        seen = ctx.closed[0]  # every earlier window's closed episodes, sorted
+        late = seen[np.minimum(np.searchsorted(seen, hashes), len(seen) - 1)] == hashes
         if late.any():
             raise LateData(f"{int(late.sum())} episodes (e.g. {w.episodes[w.ep_episode[np.flatnonzero(late)[0]]]}) have rows in a later iteration than the one that closed them")
-    if check_late and closed.any():
-        ctx.closed.append(np.sort(hashes[closed]))
+    if check_late and closed.any():  # merge (timsort: two sorted runs, linear)
+        ctx.closed = [np.sort(np.concatenate(ctx.closed + [np.sort(hashes[closed])]), kind="stable")]
     w.closed = closed
     if last or closed.all() or not len(w.r_eid):
         return None
@@ -273,22 +266,34 @@ def _close(w: Window, last: bool, check_late: bool, ctx: _Context) -> pa.Table |
 
 # --------------------------------------------------------------------------- 4. match
 
-_NO_AGENTS = np.array([0.0, 0.0, 53.0, 0.0, 0.0])  # Σ|r|, n, bits, unknown, agents: a value with no own agents
 _U64 = 2.0**-53
 
 
-def _sum_stats(stats: np.ndarray, group: np.ndarray, n: int) -> np.ndarray:
-    """Per-group totals of per-agent bound statistics (the fewest bits, not a sum)."""
-    out = np.zeros((n, 5))
-    for j in (0, 1, 3, 4):
-        out[:, j] = np.bincount(group, weights=stats[:, j], minlength=n)
-    bits = np.full(n, 53.0)
-    np.minimum.at(bits, group, stats[:, 2])
-    out[:, 2] = bits
+def _bound(n: np.ndarray, abs_sum: np.ndarray, bits: np.ndarray, unknown: np.ndarray, chunks: np.ndarray, agents: np.ndarray) -> np.ndarray:
+    """The rounding bound of a sum of these rewards done RLlib's way (``_tolerance``), less
+    the part that depends on the truth; NaN where Σ|r| is unknown."""
+    m = n + 2 * (chunks + agents) + 4
+    out = 1.01 * m * np.exp2(-bits.astype(np.float64)) * abs_sum
+    out[unknown] = np.nan
     return out
 
 
-def _tolerance(own: np.ndarray, chunks: np.ndarray, truth: np.ndarray, value: np.ndarray, ctx: _Context) -> np.ndarray:
+def _combine(w: Window, group: np.ndarray, sel: np.ndarray, n: int, chunks: np.ndarray) -> np.ndarray:
+    """The bound of the summed value of several agents' groups (a module's, an episode's)."""
+    bits = np.full(n, 53, np.int64)
+    if (w.g_bits[sel] != 53).any():
+        np.minimum.at(bits, group, w.g_bits[sel])
+    return _bound(
+        np.bincount(group, weights=w.g_n[sel], minlength=n),
+        np.bincount(group, weights=w.g_abs[sel], minlength=n),
+        bits,
+        np.bincount(group, weights=w.g_unknown[sel], minlength=n) > 0,
+        chunks,
+        np.bincount(group, minlength=n).astype(np.float64),
+    )
+
+
+def _tolerance(bound: np.ndarray, truth: np.ndarray, value: np.ndarray, ctx: _Context) -> np.ndarray:
     """How far a reported value may be from the truth by float rounding alone.
 
     Explicit ``atol`` / ``rtol``: ``atol + rtol · max(|truth|, |reported|)``. Otherwise the
@@ -297,19 +302,18 @@ def _tolerance(own: np.ndarray, chunks: np.ndarray, truth: np.ndarray, value: np
     (float32 when the env returns float32, else float64), so with m = n + 2·(chunks +
     agents) + 4 additions and unit roundoff u = 2^-bits the error is at most
     γ_m·Σ|r| ≈ m·u·Σ|r| (Higham, *Accuracy and Stability of Numerical Algorithms*, §4.2),
-    plus the rounding of our own compensated truth (≤ 2u₆₄|truth|). Values whose Σ|r| was not
-    recorded (schema-1 runs) fall back to ``1e-6 + 1e-5 · max(|truth|, |reported|)``."""
+    plus the rounding of our own compensated truth (≤ 2u₆₄|truth|): ``bound`` holds
+    1.01·m·u·Σ|r| per value. Values whose Σ|r| was not recorded (schema-1 runs, NaN) fall
+    back to ``1e-6 + 1e-5 · max(|truth|, |reported|)``."""
     scale = np.maximum(np.abs(truth), np.abs(value))
     if ctx.atol is not None or ctx.rtol is not None:
         return (ctx.atol or 0.0) + (ctx.rtol or 0.0) * scale
-    m = own[:, 1] + 2 * (chunks + own[:, 4]) + 4
-    tol = 1.01 * m * np.exp2(-own[:, 2]) * own[:, 0] + 4 * _U64 * np.abs(truth)
-    unknown = own[:, 3] > 0
+    tol = bound + 4 * _U64 * np.abs(truth)
+    unknown = np.isnan(bound)
     if unknown.any():
         tol[unknown] = 1e-6 + 1e-5 * scale[unknown]
         ctx.fallback += int(unknown.sum())
     return tol
-
 
 
 def _match(w: Window, ctx: _Context) -> None:
@@ -333,31 +337,32 @@ def _match(w: Window, ctx: _Context) -> None:
     msum = np.bincount(mid, weights=w.g_counted[mg], minlength=len(muniq))
     m_index = KeyMap(muniq, E * nm)
     esum = np.bincount(w.g_eid, weights=w.g_counted, minlength=E)
-    m_stats, e_stats = _sum_stats(w.g_stats[mg], mid, len(muniq)), _sum_stats(w.g_stats, w.g_eid, E)
+    m_bound = _combine(w, mid, mg, len(muniq), w.ep_chunks[(muniq // nm).astype(np.int64)])
+    e_bound = _combine(w, w.g_eid, np.ones(len(w.g_eid), bool), E, w.ep_chunks)
     mclip = np.bincount(mid, weights=w.g_clipped[mg], minlength=len(muniq))
     eclip = np.bincount(w.g_eid, weights=w.g_clipped, minlength=E)
     clipped = np.full(len(idx), np.nan)
     truth = np.zeros(len(idx))
-    own = np.tile(_NO_AGENTS, (len(idx), 1))  # Σ|r|, n, bits, unknown, agents of the value's own agents
+    bound = np.zeros(len(idx))  # the rounding bound of the value's own agents' rewards (none: 0)
     a_rows = kind == AGENT
     truth[a_rows & g_ok] = w.g_counted[g[a_rows & g_ok]]
-    own[a_rows & g_ok] = w.g_stats[g[a_rows & g_ok]]
+    bound[a_rows & g_ok] = w.g_bound[g[a_rows & g_ok]]
     clipped[a_rows & g_ok] = w.g_clipped[g[a_rows & g_ok]]
     p_rows = (kind == POLICY) & g_ok
     p_match = p_rows.copy()
     p_match[p_rows] = w.g_module[g[p_rows]] == module[p_rows]
     truth[p_match] = w.g_counted[g[p_match]]
-    own[p_match] = w.g_stats[g[p_match]]
+    bound[p_match] = w.g_bound[g[p_match]]
     clipped[p_match] = w.g_clipped[g[p_match]]
     m_rows = kind == MODULE
     mi = m_index(np.where(module[m_rows] >= 0, eid[m_rows] * nm + module[m_rows], -1))
     m_hit = (mi >= 0) & (module[m_rows] >= 0)
     truth[np.flatnonzero(m_rows)[m_hit]] = msum[mi[m_hit]]
-    own[np.flatnonzero(m_rows)[m_hit]] = m_stats[mi[m_hit]]
+    bound[np.flatnonzero(m_rows)[m_hit]] = m_bound[mi[m_hit]]
     clipped[np.flatnonzero(m_rows)[m_hit]] = mclip[mi[m_hit]]
     e_rows = (kind == EPISODE) | (kind == OTHER)
     truth[e_rows] = esum[eid[e_rows]]
-    own[e_rows] = e_stats[eid[e_rows]]
+    bound[e_rows] = e_bound[eid[e_rows]]
     clipped[e_rows] = eclip[eid[e_rows]]
     # Expected values RLlib never reported (of kinds it reported for that episode).
     def reported(keys: np.ndarray, space: int) -> KeyMap:
@@ -371,14 +376,14 @@ def _match(w: Window, ctx: _Context) -> None:
     gl = live[w.g_eid]
     miss = []
     sel = gl & flags[w.g_eid, AGENT] & ~rep_agent.has(w.g_eid * na + w.g_agent)
-    miss.append((AGENT, w.g_eid[sel], w.g_agent[sel], np.full(sel.sum(), -1), w.g_counted[sel], w.g_stats[sel]))
+    miss.append((AGENT, w.g_eid[sel], w.g_agent[sel], np.full(sel.sum(), -1), w.g_counted[sel], w.g_bound[sel]))
     sel = gl & mg & flags[w.g_eid, POLICY] & ~rep_policy.has(np.where(mg, (w.g_eid * na + w.g_agent) * nm + w.g_module, -1))
-    miss.append((POLICY, w.g_eid[sel], w.g_agent[sel], w.g_module[sel], w.g_counted[sel], w.g_stats[sel]))
+    miss.append((POLICY, w.g_eid[sel], w.g_agent[sel], w.g_module[sel], w.g_counted[sel], w.g_bound[sel]))
     m_eid, m_mod = (muniq // nm).astype(np.int64), (muniq % nm).astype(np.int64)
     sel = live[m_eid] & flags[m_eid, MODULE] & ~rep_module.has(muniq)
-    miss.append((MODULE, m_eid[sel], np.full(sel.sum(), -1), m_mod[sel], msum[sel], m_stats[sel]))
+    miss.append((MODULE, m_eid[sel], np.full(sel.sum(), -1), m_mod[sel], msum[sel], m_bound[sel]))
     e_all = np.flatnonzero(live & flags[:, EPISODE] & ~rep_episode)
-    miss.append((EPISODE, e_all, np.full(len(e_all), -1), np.full(len(e_all), -1), esum[e_all], e_stats[e_all]))
+    miss.append((EPISODE, e_all, np.full(len(e_all), -1), np.full(len(e_all), -1), esum[e_all], e_bound[e_all]))
     n_miss = sum(len(x[1]) for x in miss)
     w.c_kind = np.concatenate([kind] + [np.full(len(x[1]), x[0]) for x in miss]).astype(np.int64)
     w.c_kind_name = np.concatenate([w.kind_names[w.p_kind_name[idx]], np.array([KINDS[x[0]] for x in miss for _ in range(len(x[1]))], dtype=object)])
@@ -393,11 +398,11 @@ def _match(w: Window, ctx: _Context) -> None:
     w.c_call = np.concatenate([w.call[idx], np.full(n_miss, -1)])
     w.c_iteration = np.concatenate([w.p_iteration[idx], np.full(n_miss, -1)])
     w.c_phase = w.ep_phase[w.c_eid]
-    own = np.concatenate([own] + [x[5] for x in miss])
+    bound = np.concatenate([bound] + [x[5] for x in miss])
     w.c_clipped = np.concatenate([clipped, np.full(n_miss, np.nan)])
     with np.errstate(invalid="ignore", over="ignore"):
         w.c_diff = w.c_value - w.c_truth
-        w.c_tol = _tolerance(own, w.ep_chunks[w.c_eid], w.c_truth, w.c_value, ctx)
+        w.c_tol = _tolerance(bound, w.c_truth, w.c_value, ctx)
         w.c_clean = np.isfinite(w.c_value) & np.isfinite(w.c_truth) & (np.abs(w.c_diff) <= w.c_tol)
     # The key a value is about: agent id (agent), module id (module, policy), "return" (episode).
     w.c_sel = np.where(w.c_kind == AGENT, w.c_agent, np.where((w.c_kind == MODULE) | (w.c_kind == POLICY), w.c_module, -1))
