@@ -83,7 +83,11 @@ def compare(
             "without per-reward magnitudes); re-record with this reward_audit for the exact rounding bound"
         )
     # Dashboard values are means over windows: compared with a relative tolerance.
-    dashboard = build_dashboard(run, dashboard_frame(result.dash_calls, result.dash_its), iterations, atol=1e-6 if atol is None else atol, rtol=1e-5 if rtol is None else rtol)
+    per_call = pd.concat(result.dash_per_call, ignore_index=True) if result.dash_per_call else None
+    dashboard, dash_notes2 = build_dashboard(
+        run, dashboard_frame(result.dash_calls, result.dash_its), iterations, atol=1e-6 if atol is None else atol, rtol=1e-5 if rtol is None else rtol, per_call=per_call
+    )
+    notes += dash_notes2
     stats = {
         "windows": result.windows,
         "raw_rows": run.rows("raw_rewards"),

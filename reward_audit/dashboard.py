@@ -20,6 +20,7 @@ over the iteration's episodes) instead of claiming a number.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -111,21 +112,30 @@ def dashboard_rows(run) -> tuple[pd.DataFrame, list[str]]:
 _COLUMNS = {"mean": ("r_mean", "t_mean"), "min": ("r_min", "t_min"), "max": ("r_max", "t_max")}
 
 
-def build_dashboard(run, windows: pd.DataFrame, iterations: pd.DataFrame, *, atol: float = 1e-6, rtol: float = 1e-5) -> list[DashboardSeries]:
+def build_dashboard(
+    run, windows: pd.DataFrame, iterations: pd.DataFrame, *, atol: float = 1e-6, rtol: float = 1e-5, per_call: pd.DataFrame | None = None
+) -> tuple[list[DashboardSeries], list[str]]:
     """Rebuild each recorded dashboard series from ``windows`` — per (phase, kind, key,
     iteration): RLlib's per-episode values and the truth reduced over the episodes the
     window model says the iteration covers (``compare`` computes them while it streams) —
-    vectorised over iterations."""
+    vectorised over iterations. ``per_call``: with asynchronous sampling (APPO, IMPALA), the
+    per-(runner, call) values whose iteration ``async_windows`` finds. Returns the series
+    and notes."""
+    notes: list[str] = []
     if windows is None or windows.empty or iterations.empty or run.manifest.get("smoothing_model") not in ("per_call_window", "driver_history"):
-        return []
+        return [], notes
     its = iterations.assign(reducer=iterations["semantics"].map(_REDUCERS))
     its = its[its["reducer"].notna()]
     if its.empty:
-        return []
+        return [], notes
     its = its.assign(sel_key=its["key"].where(its["kind"] != Kind.EPISODE.value, None))
     w = windows.assign(sel_key=windows["sel_key"].where(windows["kind"] != Kind.EPISODE.value, None))
     for frame in (its, w):
         frame["sel_key"] = frame["sel_key"].astype(object).where(frame["sel_key"].notna(), "\x00none")
+    if per_call is not None and len(per_call) and run.manifest.get("async_metrics"):
+        moved, notes = async_windows(per_call, its, atol, rtol)
+        keys = ["phase", "kind", "sel_key", "iteration"]
+        w = w.drop(columns=[c for c in moved.columns if c not in keys]).merge(moved, on=keys, how="outer") if len(moved) else w
     joined = its.merge(w, on=["phase", "kind", "sel_key", "iteration"], how="left")
     series = []
     for (phase, path, kind, key, semantics), rows in joined.groupby(["phase", "path", "kind", "key", "semantics"], dropna=False, sort=False):
@@ -162,14 +172,90 @@ def build_dashboard(run, windows: pd.DataFrame, iterations: pd.DataFrame, *, ato
         )
         key = None if isinstance(key, float) and math.isnan(key) else key
         series.append(DashboardSeries(phase, path, kind, key, table))
-    return series
+    return series, notes
+
+
+ASYNC_SHIFT = 3  # calls per runner an iteration's boundary may sit before our drain's (seen: 0-2)
+
+
+def async_windows(per_call: pd.DataFrame, its: pd.DataFrame, atol: float, rtol: float) -> tuple[pd.DataFrame, list[str]]:
+    """APPO / IMPALA (asynchronous sampling): the driver shows, in iteration i, the
+    get_metrics() results that reached it before its training step; calls that finish
+    between that and our drain at the end of ``train()`` are collected with iteration i but
+    shown in i+1. Which calls is a matter of timing, so it is found, not assumed: per
+    iteration and runner, the shown calls are a contiguous run starting after the previous
+    iteration's, ending up to ``ASYNC_SHIFT`` calls before the drained ones end; the end that
+    reproduces RLlib's displayed value for *every* series at once is taken (none: the drained
+    boundary, and the iteration stays "bounded only"). Returns the training windows per
+    (phase, kind, key, iteration) and notes (calls the dashboard never showed)."""
+    train = per_call[per_call["phase"] == "train"]
+    shown = its[its["phase"] == "train"]
+    if train.empty or shown.empty:
+        return pd.DataFrame(), []
+    runners = sorted(train["runner"].unique())
+    order = {r: train[train["runner"] == r].groupby("call")["iteration"].min().sort_index() for r in runners}
+    calls = {r: order[r].index.to_numpy() for r in runners}
+    recorded = {r: order[r].to_numpy() for r in runners}
+    by_series = {k: g.set_index(["runner", "call"]) for k, g in train.groupby(["kind", "sel_key"], sort=False)}
+    targets = {it: g for it, g in shown.groupby("iteration")}
+    start = {r: 0 for r in runners}
+    assigned: dict[tuple, int] = {}
+    moved = unresolved = 0
+
+    def reduce(stats: pd.DataFrame, reducer: str) -> float:
+        if not len(stats):
+            return math.nan
+        return float({"mean": stats["r_mean"].mean(), "min": stats["r_min"].min(), "max": stats["r_max"].max()}[reducer])
+
+    for it in sorted(targets):
+        drained = {r: start[r] + int((recorded[r][start[r]:] <= it).sum()) for r in runners}
+        options = [list(range(drained[r], max(start[r], drained[r] - ASYNC_SHIFT) - 1, -1)) for r in runners]
+        choice = None
+        for combo in itertools.product(*options):
+            ok = True
+            for row in targets[it].itertuples(index=False):
+                if math.isnan(row.value):
+                    continue
+                stats = by_series.get((row.kind, row.sel_key))
+                idx = [(r, c) for r, e in zip(runners, combo) for c in calls[r][start[r]:e]]
+                got = reduce(stats.loc[stats.index.intersection(idx)], row.reducer) if stats is not None else math.nan
+                if math.isnan(got) or abs(row.value - got) > atol + rtol * abs(row.value):
+                    ok = False
+                    break
+            if ok:
+                choice = combo
+                break
+        if choice is None:
+            choice, unresolved = tuple(drained[r] for r in runners), unresolved + 1
+        for r, e in zip(runners, choice):
+            moved += drained[r] - e
+            for c in calls[r][start[r]:e]:
+                assigned[(r, c)] = it
+            start[r] = e
+    train = train.assign(shown=[assigned.get((r, c), -1) for r, c in zip(train["runner"], train["call"])])
+    never = train[train["shown"] < 0]
+    g = train[train["shown"] >= 0].groupby(["phase", "kind", "sel_key", "shown"], sort=False)
+    out = pd.DataFrame(
+        {
+            "r_mean": g["r_mean"].mean(), "r_min": g["r_min"].min(), "r_max": g["r_max"].max(),
+            "t_mean": g["t_mean"].mean(), "t_min": g["t_min"].min(), "t_max": g["t_max"].max(),
+        }
+    ).reset_index().rename(columns={"shown": "iteration"})
+    notes = [
+        f"asynchronous sampling: {moved} get_metrics() calls were shown on the dashboard one iteration after reward_audit collected them"
+        + (f"; {unresolved} iterations matched no call boundary" if unresolved else "")
+    ]
+    episodes = never[never["kind"] == Kind.EPISODE.value]["n"].sum() if len(never) else 0
+    if len(never):
+        notes.append(f"{never[['runner', 'call']].drop_duplicates().shape[0]} get_metrics() calls ({int(episodes)} episodes) were never shown on the dashboard (still in flight when the run stopped)")
+    return out, notes
 
 
 # --------------------------------------------------------------------------- window reductions (compare streams these)
 
 
 def per_call_windows(g2: np.ndarray, n_series: int, runner: np.ndarray, call: np.ndarray, value: np.ndarray, truth: np.ndarray, evaluation: np.ndarray,
-                     train_window: int, eval_window: int, discard_last_eval_call: bool) -> dict[str, np.ndarray]:
+                     train_window: int, eval_window: int, discard_last_eval_call: bool, per_call: list | None = None) -> dict[str, np.ndarray]:
     """``per_call_window`` (Ray 2.4x+ new stack): each runner keeps the last
     ceil(S / runners) values per key and every get_metrics() call reduces and clears them;
     an iteration shows the mean of the per-(runner, call) means (min of mins, max of
@@ -201,6 +287,13 @@ def per_call_windows(g2: np.ndarray, n_series: int, runner: np.ndarray, call: np
     np.maximum.at(r_max, g, v)
     np.minimum.at(t_min, g, t)
     np.maximum.at(t_max, g, t)
+    if per_call is not None:  # async sampling: the rebuild re-assigns calls to iterations
+        first = np.zeros(G1, np.int64)
+        first[g1[::-1]] = np.arange(len(g1))[::-1]
+        per_call.append(
+            pd.DataFrame({"g2": g1_g2, "runner": runner[first], "call": call[first], "r_mean": r_mean, "r_min": r_min, "r_max": r_max,
+                          "t_mean": t_mean, "t_min": t_min, "t_max": t_max, "n": n})[has]
+        )
     # Per (series, iteration): mean of the per-call means, min of mins, max of maxes.
     h = g1_g2[has]
     m = np.bincount(h, minlength=G2)

@@ -199,6 +199,7 @@ MANIFEST_FIELDS = {
     "iteration_semantics": "Per metric path pattern: what the dashboard number means.",
     "iteration_paths": "`[pattern, kind, semantics]` per recorded dashboard path (a pattern ending in `/` takes the key after it).",
     "smoothing_model": "Which episodes one iteration's value covers: `per_call_window` (new stack 2.4x+) or `driver_history` (2.1x, old stack).",
+    "async_metrics": "APPO / IMPALA (asynchronous sampling): an iteration's dashboard shows get_metrics() calls by arrival time; the rebuild finds each iteration's calls.",
     "evaluation_discards_last_call": "New stack < 2.60 with remote evaluation runners: RLlib drops each runner's last evaluation call from the dashboard.",
     "created_at": "UTC time the run started.",
     "output": "Where the audit folder was written.",

@@ -60,6 +60,7 @@ class Tally:
     reported_phases: set = field(default_factory=set)
     dash_calls: list = field(default_factory=list)  # DataFrames per (phase, kind, sel_key, iteration)
     dash_its: list = field(default_factory=list)
+    dash_per_call: list = field(default_factory=list)  # async sampling: per (series, runner, get_metrics call)
     rows: list = field(default_factory=list)  # every compared value (keep_rows only)
     compared: dict = field(default_factory=dict)  # phase -> episodes with at least one compared value
     windows: int = 0
@@ -94,6 +95,7 @@ def _tally_run(run: Run, atol: float | None, rtol: float | None, window_rows: in
         train_window=max(1, math.ceil(int(m.get("metrics_num_episodes_for_smoothing") or 100) / max(int(m.get("num_env_runners") or 0), 1))),
         eval_window=max(1, math.ceil(int(m.get("metrics_num_episodes_for_smoothing") or 100) / max(int(m.get("evaluation_num_env_runners") or 0), 1))),
         discard=bool(m.get("evaluation_discards_last_call")),
+        async_metrics=bool(m.get("async_metrics")),
     )
     if ctx.model == "driver_history":
         ctx.displayed = run.read("reported_iterations").select(["phase", "kind", "key", "iteration"]).to_pandas().drop_duplicates()
@@ -153,6 +155,7 @@ class _Context:
     train_window: int
     eval_window: int
     discard: bool
+    async_metrics: bool = False
     displayed: pd.DataFrame | None = None
     rep_index: dict = field(default_factory=dict)
     closed: list = field(default_factory=list)  # uint64 hashes of closed (runner, episode)
@@ -621,8 +624,15 @@ def _dashboard(w: Window, ctx: _Context, out: Tally, a: int, b: int) -> None:
     out.dash_its.append(label.assign(low=low, high=high, n=np.bincount(g2, minlength=G2)))
     if ctx.model == "per_call_window":
         evaluation = np.asarray(w.phases, dtype=object)[w.c_phase[shown]] == "evaluation"
-        calls = per_call_windows(g2, G2, w.ep_runner[w.c_eid[shown]], w.c_call[shown], value, truth, evaluation, ctx.train_window, ctx.eval_window, ctx.discard)
+        per_call: list | None = [] if ctx.async_metrics else None
+        runner_names = np.asarray(w.runners, dtype=object)
+        calls = per_call_windows(g2, G2, w.ep_runner[w.c_eid[shown]], w.c_call[shown], value, truth, evaluation, ctx.train_window, ctx.eval_window, ctx.discard, per_call)
         out.dash_calls.append(label.assign(**calls))
+        if per_call:
+            pc = per_call[0]
+            out.dash_per_call.append(label.iloc[pc["g2"].to_numpy()].reset_index(drop=True).assign(**{
+                c: pc[c].to_numpy() for c in ("call", "r_mean", "r_min", "r_max", "t_mean", "t_min", "t_max", "n")
+            }, runner=runner_names[pc["runner"].to_numpy()]))
     else:
         e = w.c_eid[shown]
         frame = label.iloc[g2].reset_index(drop=True).assign(

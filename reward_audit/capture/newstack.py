@@ -137,4 +137,8 @@ class NewStackAdapter(Adapter):
             # nan-mean of per-(runner, get_metrics call) means over the last ceil(S / num_env_runners) episodes
             "smoothing_model": "per_call_window",
             "evaluation_discards_last_call": self._evaluation_discards_last_call(config),
+            # APPO / IMPALA sample asynchronously: which get_metrics() calls an iteration
+            # shows depends on timing (dashboard.async_windows finds it; seen on 2.60: up to
+            # 2 calls per runner collected in iteration i appear in i+1).
+            "async_metrics": any(c.__name__ == "IMPALAConfig" for c in type(config).__mro__),
         }
