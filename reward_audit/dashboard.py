@@ -196,33 +196,49 @@ def async_windows(per_call: pd.DataFrame, its: pd.DataFrame, atol: float, rtol: 
     order = {r: train[train["runner"] == r].groupby("call")["iteration"].min().sort_index() for r in runners}
     calls = {r: order[r].index.to_numpy() for r in runners}
     recorded = {r: order[r].to_numpy() for r in runners}
-    by_series = {k: g.set_index(["runner", "call"]) for k, g in train.groupby(["kind", "sel_key"], sort=False)}
+    # Per (series, runner): call ids in order with their stats, and prefix sums of the means,
+    # so a series' value over any call range is O(1) (min / max over the range's slice).
+    series: dict[tuple, dict] = {}
+    for (kind, sel), g in train.groupby(["kind", "sel_key"], sort=False):
+        per_runner = {}
+        for r, h in g.groupby("runner", sort=False):
+            h = h.sort_values("call")
+            per_runner[r] = (
+                h["call"].to_numpy(),
+                np.concatenate([[0.0], np.cumsum(h["r_mean"].to_numpy())]),
+                h["r_min"].to_numpy(),
+                h["r_max"].to_numpy(),
+            )
+        series[(kind, sel)] = per_runner
     targets = {it: g for it, g in shown.groupby("iteration")}
     start = {r: 0 for r in runners}
     assigned: dict[tuple, int] = {}
     moved = unresolved = 0
 
-    def reduce(stats: pd.DataFrame, reducer: str) -> float:
-        if not len(stats):
+    def rebuilt(kind: str, sel: str, reducer: str, ranges: dict) -> float:
+        total, count, low, high = 0.0, 0, math.inf, -math.inf
+        for r, (lo_call, hi_call) in ranges.items():
+            entry = series.get((kind, sel), {}).get(r)
+            if entry is None or hi_call < lo_call:
+                continue
+            ids, prefix, mins, maxs = entry
+            i, j = np.searchsorted(ids, lo_call), np.searchsorted(ids, hi_call, side="right")
+            if j > i:
+                total += prefix[j] - prefix[i]
+                count += j - i
+                low, high = min(low, mins[i:j].min()), max(high, maxs[i:j].max())
+        if not count:
             return math.nan
-        return float({"mean": stats["r_mean"].mean(), "min": stats["r_min"].min(), "max": stats["r_max"].max()}[reducer])
+        return {"mean": total / count, "min": low, "max": high}[reducer]
 
     for it in sorted(targets):
         drained = {r: start[r] + int((recorded[r][start[r]:] <= it).sum()) for r in runners}
         options = [list(range(drained[r], max(start[r], drained[r] - ASYNC_SHIFT) - 1, -1)) for r in runners]
+        rows = [row for row in targets[it].itertuples(index=False) if not math.isnan(row.value)]
         choice = None
         for combo in itertools.product(*options):
-            ok = True
-            for row in targets[it].itertuples(index=False):
-                if math.isnan(row.value):
-                    continue
-                stats = by_series.get((row.kind, row.sel_key))
-                idx = [(r, c) for r, e in zip(runners, combo) for c in calls[r][start[r]:e]]
-                got = reduce(stats.loc[stats.index.intersection(idx)], row.reducer) if stats is not None else math.nan
-                if math.isnan(got) or abs(row.value - got) > atol + rtol * abs(row.value):
-                    ok = False
-                    break
-            if ok:
+            ranges = {r: (calls[r][start[r]] if start[r] < len(calls[r]) else math.inf, calls[r][e - 1] if e > start[r] else -math.inf) for r, e in zip(runners, combo)}
+            if all(abs(row.value - (got := rebuilt(row.kind, row.sel_key, row.reducer, ranges))) <= atol + rtol * abs(row.value) and not math.isnan(got) for row in rows):
                 choice = combo
                 break
         if choice is None:
