@@ -141,6 +141,11 @@ class Finding:
         }
 
 
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 episode``, ``2 episodes``."""
+    return f"{n} {word if n == 1 else (many or word + 's')}"
+
+
 def _json_number(x: float | None) -> float | None:
     return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else float(x)
 

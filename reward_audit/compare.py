@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from .attribution import explain, feature_row, fit
-from .audit import FAILURES, SEVERITY, Audit, Evidence, Finding, Verdict
+from .audit import FAILURES, SEVERITY, Audit, Evidence, Finding, Verdict, plural
 from .dashboard import build_dashboard, dashboard_frame, dashboard_rows
 from .schema import Kind, Phase
 from .store import Run, load_run
@@ -220,7 +220,9 @@ def _findings(run: Run, result: Tally, max_evidence: int, atol: float | None, rt
         truth, reported = s_truth / n_rows, s_rep / n_rows
         rows = bad_by_key.get((phase, kind, key))
         if not n_bad or rows is None:
-            findings.append(Finding(phase, kind, str(key), Verdict.CLEAN, n_eps, truth, reported, reported - truth, f"{n_eps} episodes agree", {Verdict.CLEAN.value: n_clean_eps}))
+            # Every value is within its rounding bound: the mean difference shown is 0.
+            agree = f"{plural(n_eps, 'episode')} " + ("agrees" if n_eps == 1 else "agree")
+            findings.append(Finding(phase, kind, str(key), Verdict.CLEAN, n_eps, truth, reported, 0.0, agree, {Verdict.CLEAN.value: n_clean_eps}))
             continue
         findings.append(_failing(phase, kind, str(key), rows, groups, atol, rtol, max_evidence, n_eps, n_clean_eps, n_bad, bad_multi, clean_multi, truth, reported))
 
@@ -329,10 +331,12 @@ def _excluded(result: Tally) -> list[Finding]:
     """Rewards paid before / with an agent's first observation, in reported episodes."""
     out = []
     for (phase, agent), (n_eps, total, n) in sorted(result.excluded.items()):
+        if total == 0.0:  # rewards of 0 (a turn-based game's second player) hide nothing
+            continue
         out.append(
             Finding(
                 phase, Kind.AGENT.value, agent, Verdict.EXCLUDED, n_eps, None, None, -total,
-                f"{n} rewards totalling {total:.6g} (mean {total / n_eps:.6g} per episode, {n_eps} episodes) were paid before or with "
+                f"{plural(n, 'reward')} totalling {total:.6g} (mean {total / n_eps:.6g} per episode, {plural(n_eps, 'episode')}) were paid before or with "
                 "this agent's first observation; RLlib never counts them (by design), so they are left out of the truth",
                 {Verdict.EXCLUDED.value: n_eps},
             )
@@ -355,7 +359,7 @@ def _incomplete(result: Tally, reported_phases: set[str]) -> list[Finding]:
         out.append(
             Finding(
                 phase, Kind.EPISODE.value, "unreported", Verdict.INCOMPLETE, cut + finished, None, None, None,
-                f"{cut + finished} episodes have raw rewards but no report: " + "; ".join(parts),
+                f"{plural(cut + finished, 'episode')} " + ("has" if cut + finished == 1 else "have") + " raw rewards but no report: " + "; ".join(parts),
                 {"cut": cut, "finished": finished},
             )
         )

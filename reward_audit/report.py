@@ -15,13 +15,13 @@ from __future__ import annotations
 import json
 from typing import Iterable
 
-from .audit import FAILURES, Audit, Finding, Verdict
+from .audit import FAILURES, Audit, Finding, Verdict, plural
 
 
 def _num(x: float | None) -> str:
     if x is None:
         return "-"
-    return f"{x:.6g}"
+    return f"{x + 0.0:.6g}"  # + 0.0: never "-0"
 
 
 def _header(audit: Audit) -> str:
@@ -58,7 +58,7 @@ def render_text(audit: Audit, *, verbose: bool = False, fail_on: Iterable[Verdic
             for e in f.evidence:
                 who = f" agent {e.agent_id}," if e.agent_id else ""
                 lines.append(
-                    f"           episode {e.episode_id} (runner {e.runner_id},{who} {e.chunks} chunks): truth {e.truth:.6g}, "
+                    f"           episode {e.episode_id} (runner {e.runner_id},{who} {plural(e.chunks, 'chunk')}): truth {e.truth:.6g}, "
                     f"reported {e.reported:.6g}, diff {e.difference:+.6g} — {e.explanation}"
                 )
     off = [d for d in audit.dashboard if d.wrong_iterations or d.unreconstructable]
@@ -201,7 +201,7 @@ def render_markdown(audit: Audit) -> str:
             if f.attribution:
                 lines.append(f"  - attribution: {f.attribution}")
             for e in f.evidence[:3]:
-                lines.append(f"  - episode `{e.episode_id}` ({e.chunks} chunks): truth {e.truth:.6g}, reported {e.reported:.6g} — {e.explanation}")
+                lines.append(f"  - episode `{e.episode_id}` ({plural(e.chunks, 'chunk')}): truth {e.truth:.6g}, reported {e.reported:.6g} — {e.explanation}")
     off = [d for d in audit.dashboard if d.wrong_iterations or d.unreconstructable]
     lines += ["", "### Dashboards", ""]
     lines += [f"- {d.summary()}" for d in off] or [f"- all {len(audit.dashboard)} recorded series match the truth"]

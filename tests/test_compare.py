@@ -101,7 +101,7 @@ def test_pre_observation_rewards_are_excluded_not_dropped(tmp_path):
     assert f.verdict == Verdict.CLEAN
     excluded = [x for x in audit.findings if x.verdict == Verdict.EXCLUDED]
     assert len(excluded) == 1 and excluded[0].key == "black"
-    assert "1 rewards totalling -0.5" in excluded[0].message
+    assert "1 reward totalling -0.5 (mean -0.5 per episode, 1 episode)" in excluded[0].message
     assert not Verdict.EXCLUDED.is_failure
 
 

@@ -146,3 +146,35 @@ def test_verdict_data_lives_on_the_enum():
     assert {v for v in Verdict if v.failing} == {Verdict.LEAK, Verdict.DROP, Verdict.MISMATCH}
     assert {v for v in Verdict if v.warning} == {Verdict.EXCLUDED, Verdict.INCOMPLETE, Verdict.UNVERIFIED}
     assert sorted(Verdict, key=lambda v: v.severity)[0] == Verdict.LEAK and Verdict.CLEAN.severity == max(v.severity for v in Verdict)
+
+
+# --------------------------------------------------------------------------- wording (issue 12)
+
+
+def test_zero_amount_excluded_rewards_are_no_finding_and_words_agree_in_number(tmp_path):
+    # A turn-based game pays the second player 0 with its first observation: excluded by
+    # RLlib's design, but a reward of 0 hides nothing — no EXCLUDED row.
+    from reward_audit.recorder import RunnerRecorder
+    from reward_audit.schema import Phase
+
+    rec = RunnerRecorder(Phase.TRAIN, 1, mapping_of=lambda e: {"w": "p", "b": "p"})
+    rec.tap_reset(0, {"w": 0})  # only w observes at reset
+    rec.tap_step(0, {"b": 0}, {"w": 1.0, "b": 0.0})  # b's first observation comes with a reward of 0
+    rec.tap_step(0, {"w": 0}, {"w": 0.0, "b": 2.0})
+    rec.episode_ends("e", 0, None, mapping={"w": "p", "b": "p"})
+    rec.sample_ends()
+    drained = rec.drain()
+    assert sum(r["n_pre_obs"] for r in drained["raw_rewards"]) == 1
+    writer = RunWriter(str(tmp_path))
+    writer.write_manifest(manifest())
+    writer.write_rows("raw_rewards", [{**r, "iteration": 1} for r in drained["raw_rewards"]], "000001")
+    writer.write_rows(
+        "reported_episodes",
+        [{"phase": "train", "runner_id": drained["runner_id"], "episode_id": "e", "kind": "agent", "agent_id": a, "module_id": None,
+          "value": v, "semantics": "episode_sum_counted", "metrics_call": 0, "iteration": 1} for a, v in (("w", 1.0), ("b", 2.0))],
+        "000001",
+    )
+    audit = compare(str(tmp_path))
+    assert [f.verdict for f in audit.findings] == [Verdict.CLEAN, Verdict.CLEAN]
+    assert audit.findings[0].message == "1 episode agrees" and audit.findings[0].difference == 0.0
+    assert "-0 " not in cli("compare", str(tmp_path)).output

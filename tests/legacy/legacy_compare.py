@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from reward_audit.attribution import explain, feature_row, fit
+from reward_audit.audit import plural
 from legacy_dashboard import audit_dashboard, dashboard_rows
 from reward_audit.schema import Kind, Phase, Semantics
 from reward_audit.store import Run, load_run
@@ -338,7 +339,7 @@ def _finding(phase: str, kind: str, key: str, rows: pd.DataFrame, max_evidence: 
     bad = rows[rows["verdict"] != Verdict.CLEAN.value]
     if not len(bad):
         worst = Verdict.CLEAN
-        message = f"{episodes} episodes agree"
+        message = f"{plural(episodes, 'episode')} " + ("agrees" if episodes == 1 else "agree")  # issue 12 wording
         evidence: tuple[Evidence, ...] = ()
     else:
         multi = int((bad["chunks"] > 1).sum())
@@ -361,7 +362,8 @@ def _finding(phase: str, kind: str, key: str, rows: pd.DataFrame, max_evidence: 
             )
             for r in top.itertuples(index=False)
         )
-    return Finding(phase, kind, str(key), worst, episodes, truth, reported, reported - truth, message, counts, evidence)
+    difference = 0.0 if worst == Verdict.CLEAN else reported - truth  # issue 12: a CLEAN row shows 0
+    return Finding(phase, kind, str(key), worst, episodes, truth, reported, difference, message, counts, evidence)
 
 
 def _unverified(phase: str, kind: str, key: str, episodes: int, why: str) -> Finding:
@@ -376,10 +378,12 @@ def _excluded(truth: pd.DataFrame, table: pd.DataFrame) -> list[Finding]:
     out = []
     for (phase, agent), rows in t.groupby(["phase", "agent_id"]):
         n_eps, total, n = rows["episode_id"].nunique(), float(rows["pre_obs"].sum()), int(rows["n_pre_obs"].sum())
+        if total == 0.0:  # issue 12: zero-amount excluded rewards are no finding
+            continue
         out.append(
             Finding(
                 phase, Kind.AGENT.value, agent, Verdict.EXCLUDED, n_eps, None, None, -total,
-                f"{n} rewards totalling {total:.6g} (mean {total / n_eps:.6g} per episode, {n_eps} episodes) were paid before or with "
+                f"{plural(n, 'reward')} totalling {total:.6g} (mean {total / n_eps:.6g} per episode, {plural(n_eps, 'episode')}) were paid before or with "
                 "this agent's first observation; RLlib never counts them (by design), so they are left out of the truth",
                 {Verdict.EXCLUDED.value: n_eps},
             )
@@ -402,7 +406,7 @@ def _incomplete(truth: pd.DataFrame, table: pd.DataFrame, max_evidence: int) -> 
         out.append(
             Finding(
                 phase, Kind.EPISODE.value, "unreported", Verdict.INCOMPLETE, len(rows), None, None, None,
-                f"{len(rows)} episodes have raw rewards but no report: " + "; ".join(parts),
+                f"{plural(len(rows), 'episode')} " + ("has" if len(rows) == 1 else "have") + " raw rewards but no report: " + "; ".join(parts),
                 {"cut": len(cut), "finished": len(finished)},
             )
         )
