@@ -37,14 +37,13 @@ from .audit import FAILURES, SEVERITY, Audit, Evidence, Finding, Verdict, plural
 from .dashboard import build_dashboard, dashboard_frame, dashboard_rows
 from .schema import Kind, Phase
 from .store import Run, load_run
-from .tally import LateData, Progress, Tally, tally
+from .tally import LateData, Progress, Tally, largest_wrong, tally
 
 __all__ = ["compare", "episodes_frame", "Audit", "Finding", "Evidence", "Verdict", "FAILURES", "EXPLAIN_LIMIT"]
 
 KIND_ORDER = {Kind.MODULE.value: 0, Kind.POLICY.value: 1, Kind.AGENT.value: 2, Kind.EPISODE.value: 3}
 EXPLAIN_LIMIT = 200  # wrong values explained (and fitted) per finding, largest differences first
 WINDOW_ROWS = 500_000  # raw rows per streaming window (peak RSS well under 1 GiB)
-_ORDER = ["phase", "kind", "key", "nan", "abs", "ord", "runner_id", "episode_id"]
 
 
 # --------------------------------------------------------------------------- public
@@ -207,8 +206,7 @@ def _findings(run: Run, result: Tally, max_evidence: int, atol: float | None, rt
         return findings
 
     bad = pd.concat(result.bad, ignore_index=True) if result.bad else pd.DataFrame(columns=["phase", "kind", "key", "diff", "ord", "runner_id", "episode_id"])
-    bad = bad.assign(nan=bad["diff"].isna().astype(int), abs=-bad["diff"].abs()).sort_values(_ORDER, na_position="last", kind="stable")
-    bad = bad.groupby(["phase", "kind", "key"], sort=False, dropna=False).head(EXPLAIN_LIMIT)
+    bad = largest_wrong(bad, EXPLAIN_LIMIT)
     feats = pd.concat(result.features, ignore_index=True) if result.features else pd.DataFrame(columns=["runner_id", "episode_id", "agent_id", "module_id", "earlier", "final", "first_chunk"])
     feats = feats.drop_duplicates(["runner_id", "episode_id", "agent_id"]).sort_values(["runner_id", "episode_id", "first_chunk", "agent_id"], kind="stable")
     groups = _episode_features(feats)

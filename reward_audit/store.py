@@ -46,6 +46,8 @@ def resolve_filesystem(path_or_uri: str) -> tuple[pafs.FileSystem, str]:
 # dashboard rebuild needs.
 RAW_SORT_KEYS = ["iteration", "phase", "runner_id", "episode_id", "chunk_seq", "agent_id"]
 ROW_GROUP_ROWS = 1 << 20
+# Every part, written fresh or compacted: dictionary-encoded, zstd, statistics on `iteration`.
+_PARQUET_OPTIONS = {"compression": "zstd", "use_dictionary": True, "dictionary_pagesize_limit": 64 << 20, "write_statistics": ["iteration"]}
 
 
 def write_part(table: str, arrow: pa.Table, sink: Any) -> None:
@@ -56,16 +58,7 @@ def write_part(table: str, arrow: pa.Table, sink: Any) -> None:
     if table == "raw_rewards":
         arrow = arrow.sort_by([(k, "ascending") for k in RAW_SORT_KEYS])
     arrow = arrow.replace_schema_metadata({_VERSION_KEY: str(schema.SCHEMA_VERSION).encode()})
-    pq.write_table(
-        arrow,
-        sink,
-        compression="zstd",
-        compression_level=3,
-        use_dictionary=True,
-        dictionary_pagesize_limit=64 << 20,
-        row_group_size=ROW_GROUP_ROWS,
-        write_statistics=["iteration"],
-    )
+    pq.write_table(arrow, sink, compression_level=3, row_group_size=ROW_GROUP_ROWS, **_PARQUET_OPTIONS)
 
 
 class RunWriter:
@@ -170,7 +163,7 @@ class Run:
                         data = data.append_column(column, pa.nulls(data.num_rows, expected.field(column).type))
                 tables.append(data.select(expected.names).cast(expected))
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
-                raise CorruptRunError(f"{part.path}: unreadable Parquet ({str(e).splitlines()[0]}); {_DAMAGED_FIX}") from e
+                raise CorruptRunError(f"{part.path}: unreadable Parquet ({str(e).splitlines()[0]}); {DAMAGED_FIX}") from e
         return pa.concat_tables(tables) if tables else expected.empty_table()
 
     @cached_property
@@ -186,7 +179,7 @@ class Run:
         return self.read("reported_iterations").to_pandas()
 
 
-_DAMAGED_FIX = "the file is damaged — delete it to audit the rest (its rows will be missing), or re-record the run"
+DAMAGED_FIX = "the file is damaged — delete it to audit the rest (its rows will be missing), or re-record the run"
 _REPLACES_KEY = b"reward_audit.replaces"
 
 
@@ -265,7 +258,7 @@ def _inspect(fs: pafs.FileSystem, file: str, name: str) -> Part:
             meta = pq.ParquetFile(f).metadata
             arrow_schema = meta.schema.to_arrow_schema()
     except (pa.ArrowInvalid, OSError) as e:
-        raise CorruptRunError(f"{file}: unreadable Parquet ({str(e).splitlines()[0]}); {_DAMAGED_FIX}") from e
+        raise CorruptRunError(f"{file}: unreadable Parquet ({str(e).splitlines()[0]}); {DAMAGED_FIX}") from e
     version = (arrow_schema.metadata or {}).get(_VERSION_KEY)
     if version not in {str(v).encode() for v in schema.READABLE_SCHEMA_VERSIONS}:
         shown = version.decode(errors="replace") if version else "none"
@@ -305,9 +298,12 @@ def _row_groups(meta: pq.FileMetaData, column: int) -> tuple[tuple[int, int, int
 
 
 def _parts(fs: pafs.FileSystem, path: str, name: str) -> tuple[Part, ...]:
-    parts = [_inspect(fs, file, name) for file in _part_files(fs, f"{path}/{name}")]
-    # A compacted part stands for the parts it lists; if compaction stopped before it
-    # deleted them, they are still here: read the compacted one only.
+    return _live([_inspect(fs, file, name) for file in _part_files(fs, f"{path}/{name}")])
+
+
+def _live(parts: list[Part]) -> tuple[Part, ...]:
+    """A compacted part stands for the parts it lists; if compaction stopped before it
+    deleted them, they are still here: read the compacted one only."""
     replaced = {r for p in parts for r in p.replaces}
     return tuple(p for p in parts if os.path.basename(p.path) not in replaced)
 
@@ -353,20 +349,19 @@ def compact_run(path_or_uri: str, target_rows: int = COMPACT_TARGET_ROWS) -> dic
     fs, _ = resolve_filesystem(path_or_uri)
     out = {}
     for run_path in find_runs(path_or_uri):
-        run = _load(fs, run_path)
+        run = Run(path=run_path, manifest=_read_manifest(fs, run_path), filesystem=fs)
         writer = RunWriter(run_path, fs)
         for name in schema.TABLES:
             every = [_inspect(fs, f, name) for f in _part_files(fs, f"{run_path}/{name}")]
-            live = {os.path.basename(p.path) for p in run.parts[name]}
-            stale = [p.path for p in every if os.path.basename(p.path) not in live]
-            for file in stale:  # finish an interrupted compaction
-                fs.delete_file(file)
-            parts = list(run.parts[name])
+            parts = list(_live(every))
+            for part in every:  # finish an interrupted compaction
+                if part not in parts:
+                    fs.delete_file(part.path)
             groups: list[list[Part]] = []
             for part in parts:
                 if part.rows >= target_rows // 2:
                     groups.append([part])  # already big: leave as is
-                elif groups and len(groups[-1]) > 0 and groups[-1][-1].rows < target_rows // 2 and sum(p.rows for p in groups[-1]) + part.rows <= target_rows:
+                elif groups and groups[-1][-1].rows < target_rows // 2 and sum(p.rows for p in groups[-1]) + part.rows <= target_rows:
                     groups[-1].append(part)
                 else:
                     groups.append([part])
@@ -382,7 +377,7 @@ def compact_run(path_or_uri: str, target_rows: int = COMPACT_TARGET_ROWS) -> dic
 
                 def write(sink: Any, group: list[Part] = group, meta: dict = meta) -> None:
                     target = schema.TABLES[name].with_metadata(meta)
-                    with pq.ParquetWriter(sink, target, compression="zstd", use_dictionary=True, dictionary_pagesize_limit=64 << 20, write_statistics=["iteration"]) as w:
+                    with pq.ParquetWriter(sink, target, **_PARQUET_OPTIONS) as w:
                         for part in group:  # one row group per source part, in order
                             w.write_table(run.read(name, [part]).replace_schema_metadata(meta), row_group_size=ROW_GROUP_ROWS)
 

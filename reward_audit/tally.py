@@ -85,15 +85,16 @@ def tally(run: Run, *, atol: float | None, rtol: float | None, window_rows: int 
 def _tally_run(run: Run, atol: float | None, rtol: float | None, window_rows: int | None, explain_limit: int, progress: Progress | None, keep_rows: bool) -> Tally:
     out = Tally()
     m = run.manifest
+    S = int(m.get("metrics_num_episodes_for_smoothing") or 100)
     ctx = _Context(
         atol=atol,
         rtol=rtol,
         explain_limit=explain_limit,
         keep_rows=keep_rows,
         model=m.get("smoothing_model"),
-        S=int(m.get("metrics_num_episodes_for_smoothing") or 100),
-        train_window=max(1, math.ceil(int(m.get("metrics_num_episodes_for_smoothing") or 100) / max(int(m.get("num_env_runners") or 0), 1))),
-        eval_window=max(1, math.ceil(int(m.get("metrics_num_episodes_for_smoothing") or 100) / max(int(m.get("evaluation_num_env_runners") or 0), 1))),
+        S=S,
+        train_window=max(1, math.ceil(S / max(int(m.get("num_env_runners") or 0), 1))),
+        eval_window=max(1, math.ceil(S / max(int(m.get("evaluation_num_env_runners") or 0), 1))),
         discard=bool(m.get("evaluation_discards_last_call")),
         async_metrics=bool(m.get("async_metrics")),
     )
@@ -226,17 +227,18 @@ def _close(w: Window, last: bool, check_late: bool, ctx: _Context) -> pa.Table |
     E = w.E
     w.reported = np.bincount(w.p_eid, minlength=E) > 0
     closed = np.ones(E, bool) if last else (w.ep_done | w.reported)
-    # (runner, episode) identity across windows, as 64-bit hashes of the two strings.
-    h_runner = pd.util.hash_array(np.asarray(w.runners, dtype=object)) if len(w.runners) else np.zeros(0, np.uint64)
-    h_episode = pd.util.hash_array(np.asarray(w.episodes, dtype=object)) if len(w.episodes) else np.zeros(0, np.uint64)
-    hashes = h_runner[w.ep_runner] ^ (h_episode[w.ep_episode] * np.uint64(1000003))
-    if check_late and ctx.closed:
-        seen = ctx.closed[0]  # every earlier window's closed episodes, sorted
-        late = seen[np.minimum(np.searchsorted(seen, hashes), len(seen) - 1)] == hashes
-        if late.any():
-            raise LateData(f"{int(late.sum())} episodes (e.g. {w.episodes[w.ep_episode[np.flatnonzero(late)[0]]]}) have rows in a later iteration than the one that closed them")
-    if check_late and closed.any():  # merge (timsort: two sorted runs, linear)
-        ctx.closed = [np.sort(np.concatenate(ctx.closed + [np.sort(hashes[closed])]), kind="stable")]
+    if check_late:
+        # (runner, episode) identity across windows, as 64-bit hashes of the two strings.
+        h_runner = pd.util.hash_array(np.asarray(w.runners, dtype=object)) if len(w.runners) else np.zeros(0, np.uint64)
+        h_episode = pd.util.hash_array(np.asarray(w.episodes, dtype=object)) if len(w.episodes) else np.zeros(0, np.uint64)
+        hashes = h_runner[w.ep_runner] ^ (h_episode[w.ep_episode] * np.uint64(1000003))
+        if ctx.closed:
+            seen = ctx.closed[0]  # every earlier window's closed episodes, sorted
+            late = seen[np.minimum(np.searchsorted(seen, hashes), len(seen) - 1)] == hashes
+            if late.any():
+                raise LateData(f"{int(late.sum())} episodes (e.g. {w.episodes[w.ep_episode[np.flatnonzero(late)[0]]]}) have rows in a later iteration than the one that closed them")
+        if closed.any():  # merge (timsort: two sorted runs, linear)
+            ctx.closed = [np.sort(np.concatenate(ctx.closed + [np.sort(hashes[closed])]), kind="stable")]
     w.closed = closed
     if last or closed.all() or not len(w.r_eid):
         return None
@@ -389,8 +391,8 @@ def _match(w: Window, ctx: _Context) -> None:
     miss.append((EPISODE, e_all, np.full(len(e_all), -1), np.full(len(e_all), -1), esum[e_all], e_bound[e_all]))
     n_miss = sum(len(x[1]) for x in miss)
     w.c_kind = np.concatenate([kind] + [np.full(len(x[1]), x[0]) for x in miss]).astype(np.int64)
-    w.c_kind_name = np.concatenate([w.kind_names[w.p_kind_name[idx]], np.array([KINDS[x[0]] for x in miss for _ in range(len(x[1]))], dtype=object)])
-    w.c_kcode = np.concatenate([w.p_kind_name[idx], np.full(n_miss, len(w.kind_names) - 1)])
+    w.c_kind_name = np.concatenate([w.kind_names[w.p_kind_code[idx]], np.array([KINDS[x[0]] for x in miss for _ in range(len(x[1]))], dtype=object)])
+    w.c_kcode = np.concatenate([w.p_kind_code[idx], np.full(n_miss, len(w.kind_names) - 1)])
     w.c_eid = np.concatenate([eid] + [x[1] for x in miss]).astype(np.int64)
     w.c_agent = np.concatenate([agent] + [x[2] for x in miss]).astype(np.int64)
     w.c_module = np.concatenate([module] + [x[3] for x in miss]).astype(np.int64)
@@ -522,16 +524,20 @@ def _features(w: Window, episodes: np.ndarray) -> pd.DataFrame:
     )
 
 
+def largest_wrong(frame: pd.DataFrame, limit: int) -> pd.DataFrame:
+    """Per key, the ``limit`` wrong values with the largest |difference| (NaN last), ties
+    broken by RLlib's reporting order, then runner and episode."""
+    order = ["phase", "kind", "key", "nan", "abs", "ord", "runner_id", "episode_id"]
+    frame = frame.assign(nan=frame["diff"].isna().astype(int), abs=-frame["diff"].abs()).sort_values(order, na_position="last", kind="stable")
+    return frame.groupby(["phase", "kind", "key"], sort=False, dropna=False).head(limit).drop(columns=["nan", "abs"])
+
+
 def _wrong(w: Window, ctx: _Context, out: Tally, k: np.ndarray, names: np.ndarray, phases: np.ndarray) -> None:
     """Keep, per key, the ``explain_limit`` wrong values with the largest differences."""
     bad = np.flatnonzero(~w.c_clean)
     if not len(bad):
         return
-    frame = _frame(w, bad, names[k[bad]], phases)
-    frame["nan"] = np.isnan(frame["diff"]).astype(int)
-    frame["abs"] = -frame["diff"].abs()
-    frame = frame.sort_values(["phase", "kind", "key", "nan", "abs", "ord", "runner_id", "episode_id"], na_position="last", kind="stable")
-    frame = frame.groupby(["phase", "kind", "key"], sort=False, dropna=False).head(ctx.explain_limit).drop(columns=["nan", "abs"])
+    frame = largest_wrong(_frame(w, bad, names[k[bad]], phases), ctx.explain_limit)
     out.bad.append(frame)
     keep = np.zeros(w.E, bool)
     keep[w.c_eid[bad]] = True
@@ -540,11 +546,7 @@ def _wrong(w: Window, ctx: _Context, out: Tally, k: np.ndarray, names: np.ndarra
     out.features.append(feats[[x in wanted for x in zip(feats["runner_id"], feats["episode_id"])]])
     # Bound what is kept across windows.
     if sum(len(f) for f in out.bad) > 4 * ctx.explain_limit * max(len(out.keys), 1):
-        merged = pd.concat(out.bad, ignore_index=True)
-        merged["nan"] = np.isnan(merged["diff"]).astype(int)
-        merged["abs"] = -merged["diff"].abs()
-        merged = merged.sort_values(["phase", "kind", "key", "nan", "abs", "ord", "runner_id", "episode_id"], na_position="last", kind="stable")
-        out.bad = [merged.groupby(["phase", "kind", "key"], sort=False, dropna=False).head(ctx.explain_limit).drop(columns=["nan", "abs"])]
+        out.bad = [largest_wrong(pd.concat(out.bad, ignore_index=True), ctx.explain_limit)]
         wanted = set(zip(out.bad[0]["runner_id"], out.bad[0]["episode_id"]))
         feats = pd.concat(out.features, ignore_index=True)
         out.features = [feats[[x in wanted for x in zip(feats["runner_id"], feats["episode_id"])]]]
@@ -579,7 +581,7 @@ def _orphans(w: Window, out: Tally) -> None:
     sel = np.flatnonzero(w.orphan)
     if not len(sel):
         return
-    frame = pd.DataFrame({"phase": w.phases[w.p_phase[sel]], "kind": w.kind_names[w.p_kind_name[sel]], "episode": w.episodes[w.p_episode[sel]], "ord": w.ord[sel]})
+    frame = pd.DataFrame({"phase": w.phases[w.p_phase[sel]], "kind": w.kind_names[w.p_kind_code[sel]], "episode": w.episodes[w.p_episode[sel]], "ord": w.ord[sel]})
     for (phase, kind), g in frame.groupby(["phase", "kind"]):
         first = g.loc[g["ord"].idxmin()]
         prev = out.orphans.get((phase, kind))

@@ -8,7 +8,6 @@ group-by of the reconciliation is an array pass over dense integers (``factorize
 
 from __future__ import annotations
 
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -19,7 +18,7 @@ import pyarrow.parquet as pq
 from . import schema
 from .errors import CorruptRunError, InvalidDataError
 from .schema import Kind, Semantics
-from .store import Part, Run
+from .store import DAMAGED_FIX, Part, Run
 
 KINDS = [Kind.AGENT.value, Kind.MODULE.value, Kind.POLICY.value, Kind.EPISODE.value]  # codes 0..3; 4 = any other kind
 AGENT, MODULE, POLICY, EPISODE, OTHER = range(5)
@@ -34,20 +33,22 @@ _CANONICAL = {f.name: f.type for table in (schema.RAW_REWARDS, schema.REPORTED_E
 class Window:
     """One window's arrays, every id integer-coded; ``tally`` fills in the rest step by step."""
 
-    def __getattr__(self, name: str) -> Any:  # pragma: no cover - a missing step is a bug
-        raise AttributeError(name)
-
 
 # --------------------------------------------------------------------------- dense integer keys
 
 _DENSE_LIMIT = 1 << 27  # key spaces up to this size use arrays, not hash tables
 
 
+def _dense(space: int, n: int) -> bool:
+    """Whether ``n`` keys below ``space`` are cheaper as an array than as a hash table."""
+    return 0 < space <= min(max(1 << 22, 16 * n), 4 * _DENSE_LIMIT)
+
+
 def factorize(keys: np.ndarray, space: int) -> tuple[np.ndarray, np.ndarray]:
     """``(codes, uniques)`` of non-negative integer ``keys < space``: an O(n) array pass when
     the key space is small enough (the usual case: dense dictionary codes), else hashing."""
     keys = np.asarray(keys, dtype=np.int64)
-    if 0 < space <= min(max(1 << 22, 16 * len(keys)), 4 * _DENSE_LIMIT):
+    if _dense(space, len(keys)):
         present = np.zeros(space, bool)
         present[keys] = True
         rank = np.cumsum(present, dtype=np.int64) - 1
@@ -63,7 +64,7 @@ class KeyMap:
     def __init__(self, uniques: np.ndarray, space: int):
         self.space = space
         self.empty = len(uniques) == 0
-        if 0 < space <= min(max(1 << 22, 16 * len(uniques)), 4 * _DENSE_LIMIT):
+        if _dense(space, len(uniques)):
             self.table = np.full(space, -1, np.int64)
             self.table[uniques] = np.arange(len(uniques))
             self.index = None
@@ -109,7 +110,7 @@ def _read_parts(run: Run, parts: list[Part], columns: list[str], a: int, b: int,
                 t = t.append_column(c, pa.nulls(t.num_rows, schema.RAW_REWARDS.field(c).type))
             t = t.select(columns + (["ord"] if "ord" in t.column_names else []))
         except (pa.ArrowInvalid, OSError) as e:
-            raise CorruptRunError(f"{part.path}: unreadable Parquet ({str(e).splitlines()[0]}); the file is damaged — delete it to audit the rest, or re-record the run") from e
+            raise CorruptRunError(f"{part.path}: unreadable Parquet ({str(e).splitlines()[0]}); {DAMAGED_FIX}") from e
         rownum = None
         if len(wanted) < len(part.groups):  # row numbers within the file
             rownum = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in wanted]) if wanted else np.zeros(0, np.int64)
@@ -204,7 +205,6 @@ def read_window(run: Run, raw_parts: list[Part], rep_parts: list[Part], a: int, 
     kind_map = np.array([KINDS.index(k) if k in KINDS else OTHER for k in kinds] + [OTHER], dtype=np.int64)
     w.p_kind = kind_map[w.p_kind_code] if nrep else np.zeros(0, np.int64)
     w.kind_names = np.array(list(kinds) + ["?"], dtype=object)
-    w.p_kind_name = w.p_kind_code
     num = lambda t, name, dtype: np.zeros(0, dtype) if t is None else t.column(name).to_numpy().astype(dtype, copy=False)  # noqa: E731
     w.chunk = num(raw, "chunk_seq", np.int64)
     w.reward = num(raw, "reward", np.float64)
