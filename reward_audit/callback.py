@@ -3,18 +3,12 @@
     from reward_audit import RewardAuditCallback
     config = PPOConfig().environment(MyEnv).multi_agent(...).callbacks(RewardAuditCallback)
 
-It is thin: every hook hands its arguments to the capture adapter (``capture/``) and the
-driver-side collector. It never raises into training: a failure inside reward_audit is
-logged loudly (``logging.getLogger("reward_audit")``, ERROR with traceback), counted in
-the run's manifest (``capture_failures``), and training continues.
-
-Where the data goes (first that applies):
-
-1. ``$REWARD_AUDIT_DIR`` — a base folder (each Tune trial gets a sub-folder);
-2. ``config.callbacks(RewardAuditCallback.writing_to("s3://bucket/runs"))`` — same rule,
-   any ``pyarrow.fs`` URI or local path;
-3. next to the run: ``<Tune trial dir>/reward_audit`` under Tune, else
-   ``<algorithm.logdir>/reward_audit``.
+It is thin: every hook hands its arguments to the capture adapter (``capture/``, which owns
+every piece of Ray knowledge) and to the driver-side collector (``collector.py``, which owns
+where the data goes). It never raises into training: a failure inside reward_audit is
+logged loudly (``logging.getLogger("reward_audit")``, ERROR with traceback), counted in the
+run's manifest (``capture_failures`` on env runners, ``driver_failures`` on the driver),
+and training continues.
 """
 
 from __future__ import annotations
@@ -26,7 +20,7 @@ from typing import Any, Callable
 from ray.rllib.algorithms.callbacks import DefaultCallbacks
 
 from .capture import detect
-from .capture.base import RECORDER_ATTR, Adapter, drain_runner
+from .capture.base import RECORDER_ATTR, Adapter, drain_runner, runner_in
 from .collector import Collector
 from .errors import UnsupportedRayError
 from .schema import Phase
@@ -42,11 +36,17 @@ def _never_raise(hook: Callable) -> Callable:
         try:
             hook(self, *args, **kwargs)
         except Exception:
-            self._failures += 1
-            runner = kwargs.get("env_runner") or kwargs.get("worker")
+            runner = runner_in(kwargs)
             recorder = getattr(runner, RECORDER_ATTR, None) if runner is not None else None
             if recorder is not None:
                 recorder.failures += 1
+            else:
+                self._failures += 1
+                try:
+                    if self._collector is not None:
+                        self._collector.failed()
+                except Exception:
+                    pass
             logger.exception("reward_audit: %s failed; training continues but this run's audit may be incomplete", hook.__name__)
 
     return guarded
@@ -105,7 +105,7 @@ class RewardAuditCallback(DefaultCallbacks):
         return self._adapter
 
     def _runner_recorder(self, kwargs: dict) -> Any:
-        runner = kwargs.get("env_runner") or kwargs.get("worker")
+        runner = runner_in(kwargs)
         adapter = self._adapter_for(runner.config)
         return adapter, (adapter.recorder_for(runner) if adapter else None)
 
@@ -129,7 +129,7 @@ class RewardAuditCallback(DefaultCallbacks):
                 )
                 logger.error("reward_audit: no output folder; dropped %d raw reward rows of iteration %s", dropped, result.get("training_iteration"))
             return
-        iteration = int(result.get("training_iteration", algorithm.iteration))
+        iteration = self._collector.next_iteration(self._adapter.training_iteration(algorithm, result))
         self._collector.collect(algorithm, iteration, (Phase.TRAIN, Phase.EVALUATION))
         self._collector.record_result(result, iteration)
 
@@ -137,41 +137,30 @@ class RewardAuditCallback(DefaultCallbacks):
     def on_evaluate_end(self, *, algorithm: Any, **kwargs: Any) -> None:
         if self._collector is not None:
             # Inside train() this is the iteration whose result will carry the evaluation.
-            self._collector.collect(algorithm, int(algorithm.iteration) + 1, (Phase.EVALUATION,))
+            self._collector.collect(algorithm, self._collector.iteration + 1, (Phase.EVALUATION,))
 
     # ------------------------------------------------------------------ runner hooks
 
-    @_never_raise
-    def on_environment_created(self, **kwargs: Any) -> None:
-        adapter = self._adapter_for(kwargs["env_runner"].config)
-        if adapter is not None:
-            adapter.on_env(kwargs)
-            if self.INJECT_FAULT:
-                adapter.install_fault(kwargs["env_runner"], self.INJECT_FAULT)
-
-    @_never_raise
-    def on_sub_environment_created(self, **kwargs: Any) -> None:
-        adapter = self._adapter_for(kwargs["worker"].config)
+    def _env_created(self, kwargs: dict) -> None:
+        runner = runner_in(kwargs)
+        adapter = self._adapter_for(runner.config)
         if adapter is not None:
             adapter.on_env(kwargs)
             if self.INJECT_FAULT:  # not supported on the old stack: raises, and the guard logs it
-                adapter.install_fault(kwargs["worker"], self.INJECT_FAULT)
+                adapter.install_fault(runner, self.INJECT_FAULT)
+
+    @_never_raise
+    def on_environment_created(self, **kwargs: Any) -> None:
+        self._env_created(kwargs)
+
+    @_never_raise
+    def on_sub_environment_created(self, **kwargs: Any) -> None:
+        self._env_created(kwargs)
 
     def _episode_hook(self, kwargs: dict, action: str) -> None:
         adapter, recorder = self._runner_recorder(kwargs)
-        if recorder is None:
-            return
-        episode, env_index = kwargs["episode"], int(kwargs.get("env_index") or 0)
-        if isinstance(episode, Exception):  # old stack: a faulty sub-env
-            return
-        episode_id = adapter.episode_id(episode, recorder)
-        if action == "begin":
-            recorder.episode_begins(episode_id, env_index, episode)
-        elif action == "step":
-            recorder.episode_step(episode_id, env_index, episode)
-        else:
-            recorder.episode_ends(episode_id, env_index, episode)
-            adapter.reported_at_episode_end(recorder, episode)
+        if recorder is not None:
+            adapter.on_episode(kwargs, action)
 
     @_never_raise
     def on_episode_created(self, **kwargs: Any) -> None:

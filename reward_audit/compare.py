@@ -35,6 +35,7 @@ import pandas as pd
 from .attribution import explain, feature_row, fit
 from .audit import FAILURES, SEVERITY, Audit, Evidence, Finding, Verdict, plural
 from .dashboard import build_dashboard, dashboard_frame, dashboard_rows
+from .handover import Handover, check_handover
 from .schema import Kind, Phase
 from .store import Run, load_run
 from .tally import LateData, Progress, Tally, largest_wrong, tally
@@ -66,13 +67,13 @@ def compare(
     if not isinstance(run, Run):
         run = load_run(run)
     start = time.perf_counter()
-    notes: list[str] = []
-    try:
-        result = tally(run, atol=atol, rtol=rtol, window_rows=window_rows, explain_limit=EXPLAIN_LIMIT, progress=progress)
-    except LateData as e:
-        result = tally(run, atol=atol, rtol=rtol, window_rows=None, explain_limit=EXPLAIN_LIMIT, progress=progress)
-        notes.append(f"{e}; audited in one window instead")
-    findings = _findings(run, result, max_evidence, atol, rtol)
+    handover = check_handover(run)
+    notes: list[str] = list(handover.notes)
+    result = _pass(run, atol, rtol, window_rows, progress, handover, notes)
+    if handover.missing_rows(result.runner_rows):  # rare: a part file is gone; leave its runner out
+        result = _pass(run, atol, rtol, window_rows, progress, handover, notes)
+    notes += _duplicate_notes(result)
+    findings = _findings(run, result, max_evidence, atol, rtol, handover.findings)
     if progress:
         progress("dashboards", 0.99)
     iterations, dash_notes = dashboard_rows(run)
@@ -196,8 +197,25 @@ def _explain_row(r: Any, feats: tuple[dict, dict], atol: float | None = None, rt
     return Verdict(verdict), prefix + text, own
 
 
-def _findings(run: Run, result: Tally, max_evidence: int, atol: float | None, rtol: float | None) -> list[Finding]:
-    findings: list[Finding] = []
+def _pass(run: Run, atol: float | None, rtol: float | None, window_rows: int | None, progress: Progress | None, handover: Handover, notes: list[str]) -> Tally:
+    """The streamed pass; if an episode's rows arrive after the window that closed it, once
+    more in a single window."""
+    try:
+        return tally(run, atol=atol, rtol=rtol, window_rows=window_rows, explain_limit=EXPLAIN_LIMIT, progress=progress, left_out=handover.left_out)
+    except LateData as e:
+        notes.append(f"{e}; audited in one window instead")
+        return tally(run, atol=atol, rtol=rtol, window_rows=None, explain_limit=EXPLAIN_LIMIT, progress=progress, left_out=handover.left_out)
+
+
+def _duplicate_notes(result: Tally) -> list[str]:
+    return [
+        f"{table}: {plural(n, 'row')} appeared twice, identical copies (in {', '.join(sorted(files))}); each counted once"
+        for table, (n, files) in sorted(result.duplicates.items())
+    ]
+
+
+def _findings(run: Run, result: Tally, max_evidence: int, atol: float | None, rtol: float | None, handover: list[Finding] = ()) -> list[Finding]:
+    findings: list[Finding] = list(handover)
     for (phase, kind, sem), n in sorted(result.unknown.items()):
         findings.append(_unverified(phase, kind, "*", n, f"{n} reported values with semantics `{sem}`, which this reward_audit cannot rebuild; upgrade reward_audit"))
     raw_phases, reported_phases = set(result.raw_phases), set(result.reported_phases)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from .errors import InvalidDataError
 from .results import manifest_paths, read_tune_results, same_number, tune_result_file
 from .schema import IterationSemantics, Kind
 
@@ -88,9 +89,12 @@ def dashboard_rows(run) -> tuple[pd.DataFrame, list[str]]:
     ``result.json`` (what Tune and TensorBoard were fed), its numbers are cross-checked
     against ours, and used instead when the run recorded none.
     """
-    iterations, notes = run.iterations, []
+    iterations, notes = _unique_iterations(run)
     file = tune_result_file(run.path) if "://" not in run.path else None
     if file is None:
+        return iterations, notes
+    if len(run.manifest.get("segments") or []) > 1:
+        notes.append(f"Tune's {file} not cross-checked: the run was restored, so its iteration numbers repeat")
         return iterations, notes
     tune = pd.DataFrame(read_tune_results(file, manifest_paths(run.manifest)))
     if tune.empty:
@@ -107,6 +111,25 @@ def dashboard_rows(run) -> tuple[pd.DataFrame, list[str]]:
         text += f" (e.g. iteration {r.iteration} {r.path}: recorded {r.value:.6g}, result.json {r.value_tune:.6g})"
     notes.append(text)
     return iterations, notes
+
+
+def _unique_iterations(run) -> tuple[pd.DataFrame, list[str]]:
+    """``run.iterations`` with identical copies of a row (a part copied) counted once; two
+    different numbers for one (phase, iteration, path) are an error naming the files."""
+    iterations = run.iterations
+    keys = ["phase", "iteration", "path"]
+    if iterations.empty or not iterations.duplicated(keys).any():
+        return iterations, []
+    distinct = iterations.drop_duplicates()
+    files = [p.path for p in run.parts.get("reported_iterations", ())]
+    if distinct.duplicated(keys).any():
+        r = distinct[distinct.duplicated(keys, keep=False)].iloc[0]
+        raise InvalidDataError(
+            f"{run.path}/reported_iterations/: iteration {r['iteration']} `{r['path']}` is recorded twice with different values; "
+            f"the folder mixes two runs' files ({len(files)} parts) — keep the original run's files and delete the others"
+        )
+    n = len(iterations) - len(distinct)
+    return distinct.reset_index(drop=True), [f"reported_iterations: {n} rows appeared twice, identical copies; each counted once"]
 
 
 _COLUMNS = {"mean": ("r_mean", "t_mean"), "min": ("r_min", "t_min"), "max": ("r_max", "t_max")}

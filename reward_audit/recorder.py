@@ -68,6 +68,21 @@ def _round_up_f32(x: float) -> float:
     return f if f >= x else float(np.nextafter(np.float32(x), np.float32(np.inf)))
 
 
+BUFFER_ENV_VAR = "REWARD_AUDIT_MAX_BUFFERED_ROWS"
+DEFAULT_MAX_BUFFERED_ROWS = 1_000_000  # raw rows per runner between two drains (~0.5 KB each)
+
+
+def max_buffered_rows() -> int:
+    """The runner buffer's limit: ``$REWARD_AUDIT_MAX_BUFFERED_ROWS`` or 1,000,000 raw rows
+    (one row per agent per episode per ``sample()`` call; a PPO iteration of 4,000 steps
+    with 2 agents makes a few hundred). Past it whole episodes are dropped and counted."""
+    try:
+        return max(1, int(os.environ.get(BUFFER_ENV_VAR, DEFAULT_MAX_BUFFERED_ROWS)))
+    except ValueError:
+        logger.error("reward_audit: $%s=%r is not an integer; using %d", BUFFER_ENV_VAR, os.environ[BUFFER_ENV_VAR], DEFAULT_MAX_BUFFERED_ROWS)
+        return DEFAULT_MAX_BUFFERED_ROWS
+
+
 def _new_acc() -> Acc:
     return [0.0, 0, 0.0, 0, 0.0, 0.0, 53, 0.0, 0.0, 0.0]
 
@@ -128,6 +143,15 @@ class RunnerRecorder:
         self._raw_rows: list[dict] = []
         self._reported_rows: list[dict] = []
         self.failures = 0
+        # Hand-over accounting (``drain``): the driver sees gaps, restarts and drops.
+        self.max_buffered_rows = max_buffered_rows()
+        self._drain_seq = 0
+        self._raw_total = 0  # rows produced since the runner started, dropped ones included
+        self._reported_total = 0
+        self._dropped_raw = 0
+        self._dropped_reported = 0
+        self._dropped: set[str] = set()  # episodes dropped whole (buffer full)
+        self._dropped_new: list[str] = []  # ... since the last drain
         self.clip: Callable[[float], float] | None = None  # RLlib's reward clipping, if on (old stack)
 
     # ------------------------------------------------------------------ the tap
@@ -218,9 +242,12 @@ class RunnerRecorder:
         for state in self._touched.values():
             if not state.done:
                 state.mapping.update(self._read_mapping(state))
+            rows = self._raw_rows
+            if state.episode_id in self._dropped or len(rows) + len(state.acc) > self.max_buffered_rows:
+                rows = self._drop_episode(state.episode_id, len(state.acc))
             for aid, (r, n, pr, pn, rc, r_abs, bits, pc, clipped, cc) in state.acc.items():
                 module = state.mapping.get(aid)
-                self._raw_rows.append(
+                rows.append(
                     {
                         "phase": self.phase,
                         "runner_id": self.runner_id,
@@ -241,6 +268,7 @@ class RunnerRecorder:
                         "episode_done": state.done,
                     }
                 )
+            self._raw_total += len(state.acc)
             state.acc = {}
         # Done episodes are finished; ongoing ones keep their state via _current.
         self._touched = {}
@@ -248,6 +276,22 @@ class RunnerRecorder:
             if state.done:
                 del self._current[env_index]
         self.sample_seq += 1
+
+    def _drop_episode(self, episode_id: str, n_rows: int) -> list:
+        """The buffer is full: drop this episode's rows from now on, and its reported values.
+        Its id goes to the driver (``drains.dropped_episode_ids``), and the audit leaves every
+        row of it out — chunks handed over earlier too — and says INCOMPLETE."""
+        if episode_id not in self._dropped:
+            self._dropped.add(episode_id)
+            self._dropped_new.append(episode_id)
+            if len(self._dropped) == 1:
+                logger.error(
+                    "reward_audit: %d rows buffered on runner %s (limit $%s=%d) — is the driver draining? "
+                    "Dropping whole episodes from now on; the audit will say INCOMPLETE",
+                    len(self._raw_rows), self.runner_id, BUFFER_ENV_VAR, self.max_buffered_rows,
+                )
+        self._dropped_raw += n_rows
+        return []  # rows appended here are discarded
 
     # ------------------------------------------------------------------ reported values
 
@@ -271,6 +315,9 @@ class RunnerRecorder:
                 logger.error("reward_audit: RLlib reported more episodes than it had stored; value not recorded")
                 return
             episode_id = self._metrics_ids.pop(0)
+        if episode_id in self._dropped:
+            self._dropped_reported += 1
+            return
         call = self.metrics_call if metrics_call is None else metrics_call
         base = {"phase": self.phase, "runner_id": self.runner_id, "episode_id": episode_id, "semantics": Semantics.EPISODE_SUM_COUNTED.value, "metrics_call": call}
         rows = self._reported_rows
@@ -282,6 +329,7 @@ class RunnerRecorder:
             rows.append({**base, "kind": Kind.MODULE.value, "agent_id": None, "module_id": str(mid), "value": float(value)})
         for (aid, pid), value in (policies or {}).items():
             rows.append({**base, "kind": Kind.POLICY.value, "agent_id": str(aid), "module_id": str(pid), "value": float(value)})
+        self._reported_total += 1
 
     def metrics_call_ends(self) -> None:
         if self._metrics_ids:
@@ -293,7 +341,26 @@ class RunnerRecorder:
     # ------------------------------------------------------------------ hand-over
 
     def drain(self) -> dict[str, Any]:
+        """Hand over the buffered rows with this runner's running totals: the driver writes
+        one ``drains`` row per call, from which the audit finds lost hand-overs (a gap in
+        ``drain_seq``), restarted runners (a new ``runner_id`` at the same worker index) and
+        dropped episodes. ``reported_total`` counts episodes, not rows."""
         with self._lock:
-            raw, reported = self._raw_rows, self._reported_rows
-            self._raw_rows, self._reported_rows = [], []
-        return {"runner_id": self.runner_id, "raw_rewards": raw, "reported_episodes": reported, "failures": self.failures}
+            raw, reported, dropped = self._raw_rows, self._reported_rows, self._dropped_new
+            self._raw_rows, self._reported_rows, self._dropped_new = [], [], []
+            seq, self._drain_seq = self._drain_seq, self._drain_seq + 1
+        return {
+            "runner_id": self.runner_id,
+            "phase": self.phase,
+            "worker_index": self.worker_index,
+            "pid": self.pid,
+            "drain_seq": seq,
+            "raw_rewards": raw,
+            "reported_episodes": reported,
+            "raw_total": self._raw_total,
+            "reported_total": self._reported_total,
+            "dropped_raw": self._dropped_raw,
+            "dropped_reported": self._dropped_reported,
+            "dropped_episode_ids": dropped,
+            "failures": self.failures,
+        }

@@ -19,10 +19,12 @@ import enum
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 2
-# Versions this reward_audit reads. Version 1 parts lack `reward_abs` / `reward_bits`: their
-# values are compared with the old relative tolerance, and the audit says so.
-READABLE_SCHEMA_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3
+# Versions this reward_audit reads. Version 1 parts lack `reward_cancel` / `reward_bits`: their
+# values are compared with the old relative tolerance, and the audit says so. Version 3 adds
+# the `drains` table and the manifest's `segments` (restores); without them the audit cannot
+# see lost hand-overs and says so.
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)
 TOOL_NAME = "reward_audit"
 MANIFEST_NAME = "run.json"
 AUDIT_DIR_NAME = "reward_audit"
@@ -102,7 +104,7 @@ RAW_REWARDS_DOC = {
     "pre_obs_reward": "Part of `reward` paid before or with the agent's first observation of the episode; RLlib never counts it (by design).",
     "n_pre_obs": "Number of reward entries summed in `pre_obs_reward`.",
     "episode_done": "True if the episode terminated or truncated within this chunk.",
-    "iteration": "Training iterations completed when the driver collected the row (train rows: the `training_iteration` of the result that sampled them).",
+    "iteration": "The audit's count of `train()` results when the driver collected the row (train rows: the result that sampled them). It equals RLlib's `training_iteration` unless the run was restored; the manifest's `segments` map one to the other.",
     "reward_cancel": "Σ|r| − |reward| over the same rewards, rounded up to float32 (0 unless the rewards change sign): |reward| + this bounds Σ|r|, which with `n_rewards` and `reward_bits` bounds the rounding of any float sum of them (schema 2; null in schema 1).",
     "reward_clipped": "Only when RLlib clips rewards before counting them (old stack `clip_rewards`, Atari): the sum of the clipped counted rewards, Σ clip(r) — what RLlib's returns are then made of. Null otherwise (schema 2).",
     "reward_bits": "Fewest significand bits among the rewards' types (53 float64 / Python float or int, 24 float32, 11 float16): RLlib sums in that precision (schema 2).",
@@ -133,7 +135,7 @@ REPORTED_EPISODES_DOC = {
     "value": "The return RLlib itself computed for this finished episode.",
     "semantics": "What the value claims to be (`Semantics`), declared by the capture adapter.",
     "metrics_call": "The runner's `get_metrics()` call number that reported it (-1 where metrics are not per call, old stack).",
-    "iteration": "Training iterations completed when the driver collected the row.",
+    "iteration": "The audit's count of `train()` results when the driver collected the row (as in raw_rewards).",
 }
 
 REPORTED_ITERATIONS = pa.schema(
@@ -150,7 +152,7 @@ REPORTED_ITERATIONS = pa.schema(
 
 REPORTED_ITERATIONS_DOC = {
     "phase": "`train` or `evaluation` (`evaluation/...` keys of the result).",
-    "iteration": "The result's `training_iteration`.",
+    "iteration": "The audit's count of `train()` results: the result's `training_iteration` unless the run was restored (manifest `segments`).",
     "path": "Full `/`-joined key path in the `train()` result, as Tune flattens it for TensorBoard (`ray/tune/` + path).",
     "kind": "`agent`, `module`, `policy` or `episode`.",
     "key": "Agent / module / policy id (null for `episode`).",
@@ -158,10 +160,47 @@ REPORTED_ITERATIONS_DOC = {
     "semantics": "What the number is (`IterationSemantics`).",
 }
 
+DRAINS = pa.schema(
+    [
+        pa.field("phase", pa.string(), nullable=False),
+        pa.field("runner_id", pa.string(), nullable=False),
+        pa.field("worker_index", pa.int32(), nullable=False),
+        pa.field("pid", pa.int64(), nullable=False),
+        pa.field("iteration", pa.int64(), nullable=False),
+        pa.field("drain_seq", pa.int64(), nullable=False),
+        pa.field("raw_rows", pa.int64(), nullable=False),
+        pa.field("reported_rows", pa.int64(), nullable=False),
+        pa.field("raw_total", pa.int64(), nullable=False),
+        pa.field("reported_total", pa.int64(), nullable=False),
+        pa.field("dropped_raw", pa.int64(), nullable=False),
+        pa.field("dropped_reported", pa.int64(), nullable=False),
+        pa.field("dropped_episode_ids", pa.list_(pa.string())),
+        pa.field("failures", pa.int64(), nullable=False),
+    ]
+)
+
+DRAINS_DOC = {
+    "phase": "`train` or `evaluation`.",
+    "runner_id": "The runner incarnation that handed the rows over.",
+    "worker_index": "RLlib's worker index of that runner.",
+    "pid": "Process id of the runner.",
+    "iteration": "Iteration (see `raw_rewards.iteration`) the rows were collected in.",
+    "drain_seq": "The runner's hand-over number, from 0: a gap means a hand-over was lost.",
+    "raw_rows": "Raw rows in this hand-over.",
+    "reported_rows": "Reported rows in this hand-over.",
+    "raw_total": "Raw rows the runner produced since it started (dropped ones included).",
+    "reported_total": "Episodes the runner recorded RLlib values for since it started (dropped ones included).",
+    "dropped_raw": "Raw rows the runner dropped since it started (its buffer was full, `$REWARD_AUDIT_MAX_BUFFERED_ROWS`).",
+    "dropped_reported": "Reported episodes it dropped since it started.",
+    "dropped_episode_ids": "Episodes dropped whole since the previous hand-over; the audit leaves all their rows out.",
+    "failures": "Failures logged inside reward_audit on that runner since it started.",
+}
+
 TABLES: dict[str, pa.Schema] = {
     "raw_rewards": RAW_REWARDS,
     "reported_episodes": REPORTED_EPISODES,
     "reported_iterations": REPORTED_ITERATIONS,
+    "drains": DRAINS,
 }
 
 TABLE_DOCS: dict[str, tuple[str, dict[str, str]]] = {
@@ -176,6 +215,10 @@ TABLE_DOCS: dict[str, tuple[str, dict[str, str]]] = {
     "reported_iterations": (
         "One row per (iteration, phase, metric path): what the `train()` result (Tune, TensorBoard) showed.",
         REPORTED_ITERATIONS_DOC,
+    ),
+    "drains": (
+        "One row per hand-over of an env runner's rows to the driver (schema 3): how the audit knows nothing was lost.",
+        DRAINS_DOC,
     ),
 }
 
@@ -205,7 +248,9 @@ MANIFEST_FIELDS = {
     "output": "Where the audit folder was written.",
     "output_source": "Why there: `$REWARD_AUDIT_DIR`, `RewardAuditCallback.writing_to()`, `trial dir` or `algorithm.logdir`.",
     "injected_fault": "Self-test fault deliberately injected into RLlib's metrics (`leak`, `drop`, `mismatch`), else null.",
-    "capture_failures": "Failures logged inside reward_audit while recording (absent when none).",
+    "capture_failures": "Failures logged inside reward_audit on the env runners while recording, summed over every runner incarnation and every segment (absent when none).",
+    "driver_failures": "Failures logged inside reward_audit on the driver (a hook that raised, a write that failed; absent when none).",
+    "segments": "One entry per stretch of training recorded without a restore: `first_iteration` / `last_iteration` (audit count), `first_training_iteration` / `last_training_iteration` (RLlib's), `started_at`, `pid`, `reason` (`start`, `restored` in the same process, `reopened` by a new process).",
 }
 
 

@@ -61,6 +61,19 @@ def write_part(table: str, arrow: pa.Table, sink: Any) -> None:
     pq.write_table(arrow, sink, compression_level=3, row_group_size=ROW_GROUP_ROWS, **_PARQUET_OPTIONS)
 
 
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 class RunWriter:
     """Writes one run folder. Cheap to pickle (holds only the location)."""
 
@@ -80,12 +93,53 @@ class RunWriter:
             self._made.add(path)
 
     def _atomic_write(self, final: str, write: Any) -> None:
+        """Write under a hidden temporary name, then rename into place. Locally the file and
+        its folder are fsync'ed, so after a crash a part is complete or absent, never empty."""
         folder, name = final.rsplit("/", 1)
         self._ensure_dir(folder)
         tmp = f"{folder}/.{name}.{uuid.uuid4().hex[:8]}.tmp"
-        with self.fs.open_output_stream(tmp) as stream:
-            write(stream)
-        self.fs.move(tmp, final)
+        if not isinstance(self.fs, pafs.LocalFileSystem):
+            with self.fs.open_output_stream(tmp) as stream:
+                write(stream)
+            self.fs.move(tmp, final)
+            return
+        try:
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(folder)
+
+    def claim(self) -> bool:
+        """Create the run folder atomically: True if this writer created it, False if it
+        already existed (another driver, or an earlier segment of the same run). Object
+        stores have no atomic create: there it is True unless a manifest is already there."""
+        parent = self.path.rsplit("/", 1)[0]
+        if not isinstance(self.fs, pafs.LocalFileSystem):
+            taken = self.fs.get_file_info(f"{self.path}/{schema.MANIFEST_NAME}").type == pafs.FileType.File
+            self.fs.create_dir(self.path, recursive=True)
+            return not taken
+        os.makedirs(parent, exist_ok=True)
+        try:
+            os.mkdir(self.path)
+        except FileExistsError:
+            return False
+        self._made.add(self.path)
+        return True
+
+    def read_manifest(self) -> dict[str, Any] | None:
+        """The manifest already in this folder (a reopened run), or None."""
+        try:
+            with self.fs.open_input_stream(f"{self.path}/{schema.MANIFEST_NAME}") as stream:
+                manifest = json.loads(stream.read().decode())
+        except (OSError, ValueError):
+            return None
+        return manifest if isinstance(manifest, dict) and manifest.get("tool") == schema.TOOL_NAME else None
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         data = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode()

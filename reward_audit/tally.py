@@ -35,7 +35,7 @@ import pyarrow as pa
 
 from .dashboard import driver_history_windows, per_call_windows
 from .store import Run
-from .window import AGENT, EPISODE, KINDS, MODULE, OTHER, POLICY, KeyMap, Window, factorize, read_window
+from .window import AGENT, EPISODE, KINDS, MODULE, OTHER, POLICY, KeyMap, LeftOut, Window, factorize, read_window
 
 Progress = Callable[[str, float], None]
 
@@ -66,23 +66,30 @@ class Tally:
     windows: int = 0
     fallback: int = 0  # values compared with the schema-1 relative tolerance (no Σ|r| recorded)
     rows_read: int = 0
+    duplicates: dict = field(default_factory=dict)  # table -> [rows dropped, files]: identical copies
+    runner_rows: dict = field(default_factory=dict)  # runner id -> raw rows read (after de-duplication)
 
 
 # --------------------------------------------------------------------------- the pass
 
 
-def tally(run: Run, *, atol: float | None, rtol: float | None, window_rows: int | None, explain_limit: int, progress: Progress | None = None, keep_rows: bool = False) -> Tally:
+def tally(
+    run: Run, *, atol: float | None, rtol: float | None, window_rows: int | None, explain_limit: int, progress: Progress | None = None, keep_rows: bool = False,
+    left_out: LeftOut | None = None,
+) -> Tally:
     # Arrow's default pool (mimalloc / jemalloc) keeps freed window buffers mapped; the
     # system allocator returns them, so peak RSS stays one window's worth. Restored after.
     pool = pa.default_memory_pool()
     pa.set_memory_pool(pa.system_memory_pool())
     try:
-        return _tally_run(run, atol, rtol, window_rows, explain_limit, progress, keep_rows)
+        return _tally_run(run, atol, rtol, window_rows, explain_limit, progress, keep_rows, left_out)
     finally:
         pa.set_memory_pool(pool)
 
 
-def _tally_run(run: Run, atol: float | None, rtol: float | None, window_rows: int | None, explain_limit: int, progress: Progress | None, keep_rows: bool) -> Tally:
+def _tally_run(
+    run: Run, atol: float | None, rtol: float | None, window_rows: int | None, explain_limit: int, progress: Progress | None, keep_rows: bool, left_out: LeftOut | None
+) -> Tally:
     out = Tally()
     m = run.manifest
     S = int(m.get("metrics_num_episodes_for_smoothing") or 100)
@@ -110,8 +117,14 @@ def _tally_run(run: Run, atol: float | None, rtol: float | None, window_rows: in
             progress(f"window {i + 1}/{len(windows)} (iterations {a}-{b})", i / max(len(windows), 1))
         raw_parts = [p for p in run.parts.get("raw_rewards", ()) if p.last_iteration >= a and p.first_iteration <= b]
         reps = [p for p in rep_parts if p.last_iteration >= a and p.first_iteration <= b]
-        w = read_window(run, raw_parts, reps, a, b, carried, ctx.rep_index)
+        w = read_window(run, raw_parts, reps, a, b, carried, ctx.rep_index, left_out)
         out.rows_read += w.rows_read
+        for runner, n in w.runner_rows.items():
+            out.runner_rows[runner] = out.runner_rows.get(runner, 0) + n
+        for table, n, files in w.duplicates:
+            seen = out.duplicates.setdefault(table, [0, set()])
+            seen[0] += n
+            seen[1].update(files)
         for k, n in w.unknown.items():
             out.unknown[k] = out.unknown.get(k, 0) + n
         _truth(w)

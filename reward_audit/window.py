@@ -171,10 +171,14 @@ def codes(*columns: pa.ChunkedArray | None) -> tuple[list[np.ndarray], np.ndarra
     return out, dictionary
 
 
-def read_window(run: Run, raw_parts: list[Part], rep_parts: list[Part], a: int, b: int, carried: pa.Table | None, rep_index: dict) -> Window:
+def read_window(
+    run: Run, raw_parts: list[Part], rep_parts: list[Part], a: int, b: int, carried: pa.Table | None, rep_index: dict, left_out: "LeftOut | None" = None
+) -> Window:
     w = Window()
     w.unknown = {}
+    w.duplicates = []  # (table, rows dropped, files): identical copies, de-duplicated
     raw, w.raw_file, w.raw_files = _read_parts(run, raw_parts, RAW_COLUMNS, a, b, None)
+    fresh_files = len(w.raw_files)  # rows from files read now; carried rows were counted before
     if carried is not None and carried.num_rows:
         carried_files = carried.column("file").to_numpy(zero_copy_only=False)
         carried = carried.drop_columns(["file"]).cast(_typed(carried.drop_columns(["file"]).schema))
@@ -183,7 +187,7 @@ def read_window(run: Run, raw_parts: list[Part], rep_parts: list[Part], a: int, 
         w.raw_files += names
         w.raw_file = np.concatenate([w.raw_file, offset + np.searchsorted(names, carried_files)]).astype(np.int32)
         raw = carried if raw is None else pa.concat_tables([raw, carried.cast(raw.schema)])
-    rep, _, w.rep_files = _read_parts(run, rep_parts, REP_COLUMNS, a, b, rep_index)
+    rep, w.rep_file, w.rep_files = _read_parts(run, rep_parts, REP_COLUMNS, a, b, rep_index)
     w.rows_read = (raw.num_rows if raw is not None else 0) + (rep.num_rows if rep is not None else 0)
     if rep is not None:  # values this reward_audit cannot rebuild are counted, not compared
         (sem,), values = codes(rep.column("semantics"))
@@ -192,7 +196,90 @@ def read_window(run: Run, raw_parts: list[Part], rep_parts: list[Part], a: int, 
         if other.num_rows:
             for (phase, kind, s), n in other.select(["phase", "kind", "semantics"]).to_pandas().astype(str).value_counts(sort=False).items():
                 w.unknown[(phase, kind, s)] = w.unknown.get((phase, kind, s), 0) + int(n)
+        w.rep_file = w.rep_file[known.to_numpy(zero_copy_only=False)]
         rep = rep.filter(known)
+    if left_out:
+        raw, w.raw_file = left_out.apply(raw, w.raw_file)
+        rep, w.rep_file = left_out.apply(rep, w.rep_file)
+    _encode(w, raw, rep)
+    keep_raw = _unique_rows(w, "raw_rewards", [w.r_runner, w.r_episode, w.chunk, w.r_agent], raw, w.raw_file, w.raw_files, RAW_VALUES)
+    keep_rep = _unique_rows(w, "reported_episodes", [w.p_runner, w.p_episode, w.p_kind_code, w.p_agent, w.p_module, w.call], rep, w.rep_file, w.rep_files, REP_VALUES)
+    if keep_raw is not None or keep_rep is not None:  # rare: identical copies, encode again without them
+        if keep_raw is not None:
+            raw, w.raw_file = raw.filter(pa.array(keep_raw)), w.raw_file[keep_raw]
+        if keep_rep is not None:
+            rep, w.rep_file = rep.filter(pa.array(keep_rep)), w.rep_file[keep_rep]
+        _encode(w, raw, rep)
+    fresh = w.raw_file < fresh_files
+    w.runner_rows = dict(zip(w.runners, np.bincount(w.r_runner[fresh], minlength=len(w.runners)).tolist())) if fresh.any() else {}
+    return w
+
+
+RAW_VALUES = ["module_id", "reward", "pre_obs_reward", "n_rewards", "n_pre_obs", "episode_done", "reward_cancel", "reward_bits", "reward_clipped"]
+REP_VALUES = ["value", "semantics"]
+
+
+class LeftOut:
+    """Rows the audit leaves out: every row of the listed (runner, episode) pairs, or of
+    whole runners (their hand-overs were lost, so their episodes cannot be complete)."""
+
+    def __init__(self, runners: set[str], episodes: set[tuple[str, str]]):
+        self.runners, self.episodes = runners, episodes
+
+    def __bool__(self) -> bool:
+        return bool(self.runners or self.episodes)
+
+    def apply(self, t: pa.Table | None, file_of: np.ndarray) -> tuple[pa.Table | None, np.ndarray]:
+        if t is None or not t.num_rows:
+            return t, file_of
+        runner = t.column("runner_id").cast(pa.string()).to_numpy(zero_copy_only=False)
+        episode = t.column("episode_id").cast(pa.string()).to_numpy(zero_copy_only=False)
+        drop = np.isin(runner, list(self.runners)) if self.runners else np.zeros(len(runner), bool)
+        if self.episodes:
+            drop |= np.array([(r, e) in self.episodes for r, e in zip(runner, episode)], bool)
+        keep = ~drop
+        return t.filter(pa.array(keep)), file_of[keep]
+
+
+def _unique_rows(w: Window, table: str, key_codes: list[np.ndarray], t: pa.Table | None, file_of: np.ndarray, files: list[str], values: list[str]) -> np.ndarray | None:
+    """None if every row's key is unique (the usual case, one hash pass). Else the mask of
+    rows to keep: an identical copy of a row (a part copied under a second name, a runner
+    drained twice) is dropped and noted; two rows with one key and different values are
+    contradictory data, an error naming both files."""
+    if t is None or not t.num_rows:
+        return None
+    frame = pd.DataFrame({str(i): c for i, c in enumerate(key_codes)})
+    dup = frame.duplicated(keep=False).to_numpy()
+    if not dup.any():
+        return None
+    rows = np.flatnonzero(dup)
+    sub = t.take(pa.array(rows)).select(values).to_pandas()
+    sub.columns = [f"v{i}" for i in range(len(values))]
+    sub = pd.concat([frame.iloc[rows].reset_index(drop=True), sub.astype(str)], axis=1)
+    sub["row"] = rows
+    keys = list(frame.columns)
+    distinct = sub.drop_duplicates(keys + [f"v{i}" for i in range(len(values))])
+    conflict = distinct[distinct.duplicated(keys, keep=False)]
+    if len(conflict):
+        first = conflict.groupby(keys, sort=False).head(2).head(2)["row"].to_numpy()
+        names = sorted({files[file_of[r]] for r in first})
+        raise InvalidDataError(
+            f"{' and '.join(names)}: the same {table} row ({_describe(t, first[0])}) twice with different values; "
+            "the run folder holds contradictory copies — keep the one from the original run and delete the other"
+        )
+    keep = np.ones(t.num_rows, bool)
+    keep[sub.loc[sub.duplicated(keys, keep="first"), "row"].to_numpy()] = False
+    w.duplicates.append((table, int((~keep).sum()), sorted({files[file_of[r]] for r in rows})))
+    return keep
+
+
+def _describe(t: pa.Table, row: int) -> str:
+    r = t.slice(int(row), 1).to_pylist()[0]
+    keys = ("runner_id", "episode_id", "chunk_seq", "agent_id", "kind", "module_id")
+    return ", ".join(f"{k} {r[k]}" for k in keys if r.get(k) is not None)
+
+
+def _encode(w: Window, raw: pa.Table | None, rep: pa.Table | None) -> None:
     nraw = raw.num_rows if raw is not None else 0
     nrep = rep.num_rows if rep is not None else 0
     col = lambda t, name: None if t is None else t.column(name)  # noqa: E731
@@ -222,6 +309,9 @@ def read_window(run: Run, raw_parts: list[Part], rep_parts: list[Part], a: int, 
     w.call = num(rep, "metrics_call", np.int64)
     w.p_iteration = num(rep, "iteration", np.int64)
     w.ord = num(rep, "ord", np.int64)
+    if len(w.chunk) and w.chunk.min() < 0:
+        i = int(np.argmin(w.chunk))
+        raise InvalidDataError(f"{w.raw_files[w.raw_file[i]]}: negative `chunk_seq` {w.chunk[i]} (episode {w.episodes[w.r_episode[i]]}); the file was not written by reward_audit — re-record the run")
     bad = ~(np.isfinite(w.reward) & np.isfinite(w.pre))
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
@@ -238,4 +328,3 @@ def read_window(run: Run, raw_parts: list[Part], rep_parts: list[Part], a: int, 
     w.r_eid, w.p_eid = eid[:nraw], eid[nraw:]
     w.ep_runner = (uniques % nr).astype(np.int64)
     w.ep_episode = (uniques // nr).astype(np.int64)
-    return w

@@ -7,18 +7,16 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-import os
 from typing import Any, Callable
 
 from .. import __version__
 from ..recorder import RunnerRecorder
 from ..results import match
-from ..schema import AUDIT_DIR_NAME, MANIFEST_NAME, SCHEMA_VERSION, TOOL_NAME, Kind, Phase
+from ..schema import MANIFEST_NAME, SCHEMA_VERSION, TOOL_NAME, Kind, Phase
 
 logger = logging.getLogger("reward_audit")
 
 RECORDER_ATTR = "_reward_audit_recorder"
-ENV_VAR = "REWARD_AUDIT_DIR"
 
 
 # --------------------------------------------------------------------------- the tap
@@ -71,6 +69,12 @@ def install_tap(env: Any, recorder: RunnerRecorder, env_index: int) -> None:
     env.__dict__["_reward_audit_tap"] = target
 
 
+def runner_in(kwargs: dict) -> Any:
+    """The env runner a runner-side hook was called for: ``env_runner`` (new stack) or
+    ``worker`` (old stack's ``RolloutWorker``)."""
+    return kwargs.get("env_runner") or kwargs.get("worker")
+
+
 def drain_runner(runner: Any) -> dict | None:
     """Run on every env runner (``foreach_env_runner``): hand over and forget its rows."""
     recorder = getattr(runner, RECORDER_ATTR, None)
@@ -106,9 +110,6 @@ class Adapter:
             setattr(runner, RECORDER_ATTR, recorder)
         return recorder
 
-    def runner_of(self, kwargs: dict) -> Any:
-        return kwargs.get("env_runner") or kwargs.get("worker")
-
     def mapping_of(self, episode: Any) -> dict:
         raise NotImplementedError
 
@@ -118,6 +119,26 @@ class Adapter:
     def on_env(self, kwargs: dict) -> RunnerRecorder | None:
         """``on_environment_created`` / ``on_sub_environment_created``: install taps and capture."""
         raise NotImplementedError
+
+    def on_episode(self, kwargs: dict, action: str) -> None:
+        """``on_episode_created`` / ``_start`` (``begin``), ``on_episode_step`` (``step``),
+        ``on_episode_end`` (``end``): attribute the tapped rewards to the episode."""
+        recorder = self.recorder_for(runner_in(kwargs))
+        episode, env_index = kwargs["episode"], int(kwargs.get("env_index") or 0)
+        if not self.is_episode(episode):
+            return
+        episode_id = self.episode_id(episode, recorder)
+        if action == "begin":
+            recorder.episode_begins(episode_id, env_index, episode)
+        elif action == "step":
+            recorder.episode_step(episode_id, env_index, episode)
+        else:
+            recorder.episode_ends(episode_id, env_index, episode)
+            self.reported_at_episode_end(recorder, episode)
+
+    def is_episode(self, episode: Any) -> bool:
+        """False for what a hook passes instead of an episode (old stack: a sub-env's exception)."""
+        return True
 
     def reported_at_episode_end(self, recorder: RunnerRecorder, episode: Any) -> None:
         """Old stack only: RLlib's per-episode values are read in ``on_episode_end``."""
@@ -146,17 +167,21 @@ class Adapter:
         # WorkerSet (2.1x): healthy_only defaults to False there; a dead worker would raise.
         return group.foreach_worker(fn, local_worker=True, healthy_only=True)
 
-    def default_output(self, algorithm: Any) -> tuple[str, Any]:
-        """Tune's trial dir (not ``algorithm.logdir``, a scratch dir under Tune), else the log dir."""
-        storage = getattr(algorithm, "_storage", None)
-        if storage is not None and getattr(storage, "trial_fs_path", None):
-            return f"{storage.trial_fs_path}/{AUDIT_DIR_NAME}", storage.storage_filesystem
-        return os.path.join(algorithm.logdir, AUDIT_DIR_NAME), None
-
-    def trial_name(self, algorithm: Any) -> str | None:
+    def trial_dir(self, algorithm: Any) -> tuple[str, Any] | None:
+        """``(path, pyarrow filesystem)`` of Tune's trial dir (``algorithm._storage``, Ray
+        2.7+), or None outside Tune. (``algorithm.logdir`` is a scratch dir under Tune.)"""
         storage = getattr(algorithm, "_storage", None)
         path = getattr(storage, "trial_fs_path", None) if storage is not None else None
-        return os.path.basename(path.rstrip("/")) if path else None
+        return (str(path).rstrip("/"), storage.storage_filesystem) if path else None
+
+    def log_dir(self, algorithm: Any) -> str:
+        return algorithm.logdir
+
+    def training_iteration(self, algorithm: Any, result: dict | None = None) -> int:
+        """RLlib's ``training_iteration`` of ``result``, else the algorithm's count so far."""
+        if result is not None and "training_iteration" in result:
+            return int(result["training_iteration"])
+        return int(algorithm.iteration)
 
     def config_summary(self, config: Any) -> dict[str, Any]:
         raise NotImplementedError
@@ -193,4 +218,4 @@ class Adapter:
         return match(result, iteration, self.iteration_paths)
 
 
-__all__ = ["Adapter", "install_tap", "drain_runner", "ENV_VAR", "MANIFEST_NAME", "RECORDER_ATTR"]
+__all__ = ["Adapter", "install_tap", "drain_runner", "runner_in", "MANIFEST_NAME", "RECORDER_ATTR"]

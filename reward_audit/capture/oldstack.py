@@ -161,6 +161,9 @@ class OldStackAdapter(Adapter):
             mapping.setdefault(aid, pid)
         return mapping
 
+    def is_episode(self, episode: Any) -> bool:
+        return not isinstance(episode, Exception)  # a faulty sub-env (``restart_failed_sub_environments``)
+
     def episode_id(self, episode: Any, recorder: RunnerRecorder) -> str:
         return f"{recorder.runner_id}:{episode.episode_id}"
 
