@@ -330,10 +330,10 @@ def _refuse_outside_link(run: str, path: str) -> None:
     real_run = os.path.realpath(run)
     if _inside(real_run, path):
         return
-    target = _shown(os.path.realpath(path))
+    link, target = _shown(path), _shown(os.path.realpath(path))
     raise InvalidDataError(
-        f"{_shown(path)}: a link to {target}, outside the run folder {_shown(run)}; copy the file into the run folder "
-        f"or remove the link (`cp -r --remove-destination {shlex.quote(target)} {shlex.quote(_shown(path))}` or `rm {shlex.quote(_shown(path))}`)"
+        f"{link}: a link to {target}, outside the run folder {_shown(run)}; copy the file into the run folder or remove "
+        f"the link (`rm {shlex.quote(link)} && cp -r {shlex.quote(target)} {shlex.quote(link)}`, or `rm {shlex.quote(link)}`)"
     )
 
 
