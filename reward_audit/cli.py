@@ -26,6 +26,8 @@ EXIT_OK, EXIT_FINDINGS, EXIT_BAD_INPUT = 0, 1, 2
 
 def _parse_fail_on(ctx: click.Context, param: click.Parameter, value: str) -> frozenset[Verdict]:
     names = [v.strip().upper() for v in value.split(",") if v.strip()]
+    if not names:  # `--fail-on ''` would make every audit pass: say which verdicts instead
+        raise click.BadParameter(f"{value!r}: name at least one verdict, e.g. `--fail-on leak,drop,mismatch`")
     try:
         return frozenset(Verdict(n) for n in names)
     except ValueError:

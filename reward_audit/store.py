@@ -14,11 +14,13 @@ part complete or not at all; a crash leaves at most a ``.tmp`` file, which reade
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shlex
 import uuid
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import pandas as pd
 import pyarrow as pa
@@ -29,6 +31,7 @@ from . import schema
 from .errors import CorruptRunError, InvalidDataError, RunNotFoundError, SchemaVersionError
 
 _VERSION_KEY = b"reward_audit.schema_version"
+logger = logging.getLogger("reward_audit")
 
 
 def resolve_filesystem(path_or_uri: str) -> tuple[pafs.FileSystem, str]:
@@ -237,13 +240,44 @@ DAMAGED_FIX = "the file is damaged — delete it to audit the rest (its rows wil
 _REPLACES_KEY = b"reward_audit.replaces"
 
 
+# --------------------------------------------------------------------------- finding runs
+
+MAX_DEPTH = 4  # audit folders are found up to this many levels below the given folder
+MANIFEST_MAX_BYTES = 16 << 20  # a manifest is a few KiB; more is not one of ours
+
+
 def _is_audit_dir(fs: pafs.FileSystem, path: str) -> bool:
     return fs.get_file_info(f"{path}/{schema.MANIFEST_NAME}").type == pafs.FileType.File
 
 
-def find_runs(path_or_uri: str, max_depth: int = 4) -> list[str]:
-    """Audit folders at, inside, or below ``path_or_uri`` (audit dir, trial dir, experiment dir)."""
+def _shown(path: str) -> str:
+    """A path as text, also when a name is not UTF-8 (its bytes shown as ``\\xNN``)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _is_utf8(name: str) -> bool:
+    """Whether a name from ``os.scandir`` is valid UTF-8 (pyarrow opens no other)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _inside(folder: str, path: str) -> bool:
+    """Whether the real location of ``path`` is ``folder`` (a real path) or below it."""
+    return os.path.commonpath([folder, os.path.realpath(path)]) == folder
+
+
+def find_runs(path_or_uri: str, max_depth: int = MAX_DEPTH) -> list[str]:
+    """Audit folders at, inside, or below ``path_or_uri`` (audit dir, trial dir, experiment
+    dir), at most ``max_depth`` levels below it. Local folders are walked without following
+    links (see docs/run_folders.md); what cannot be listed is skipped with one warning
+    line each (logger ``reward_audit``); the same real folder is found once."""
     fs, path = resolve_filesystem(path_or_uri)
+    local = isinstance(fs, pafs.LocalFileSystem)
+    if local and not _is_utf8(path):
+        raise RunNotFoundError(f"{_shown(path)}: the path is not valid UTF-8, which pyarrow cannot open; rename the folder, then pass it again")
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         raise RunNotFoundError(
@@ -255,6 +289,78 @@ def find_runs(path_or_uri: str, max_depth: int = 4) -> list[str]:
         )
     if _is_audit_dir(fs, path):
         return [path]
+    found, skipped = _walk_local(path, max_depth) if local else (_walk_remote(fs, path, max_depth), 0)
+    if not found:
+        also = f" ({skipped} folders skipped, see the warnings above)" if skipped else ""
+        raise RunNotFoundError(
+            f"{path_or_uri}: no reward_audit data here (no `{schema.AUDIT_DIR_NAME}/{schema.MANIFEST_NAME}` "
+            f"up to {max_depth} levels below){also}; record a run with `config.callbacks(RewardAuditCallback)` "
+            "first, then pass its trial dir"
+        )
+    return sorted(found)
+
+
+def _walk_local(root: str, max_depth: int) -> tuple[list[str], int]:
+    """Breadth-first ``os.scandir`` walk of a local folder: ``(audit folders, skipped)``.
+
+    Links below ``root`` are never followed: a link into ``root`` leads nowhere new (its
+    target is walked directly), a link out of it is reported. Every real folder is listed
+    once (by ``(st_dev, st_ino)``), so bind-mount loops end too. A folder that cannot be
+    listed or named (permission, name too long, not UTF-8) is skipped with a warning.
+    """
+    real_root = os.path.realpath(root)
+    seen = {_identity(os.stat(root))}
+    found: list[str] = []
+    skipped = 0
+
+    def skip(path: str, reason: str) -> None:
+        nonlocal skipped
+        skipped += 1
+        logger.warning("warning: %s: skipped (%s)", _shown(path), reason)
+
+    level = [root]
+    for depth in range(1, max_depth + 1):
+        below = []
+        for folder in level:
+            try:
+                with os.scandir(folder) as listing:
+                    entries = sorted(listing, key=lambda e: e.name)
+            except OSError as e:
+                skip(folder, e.strerror or type(e).__name__)
+                continue
+            for entry in entries:
+                try:
+                    if not entry.is_dir():  # files, and links to files or to nothing
+                        continue
+                    if entry.is_symlink():
+                        target = os.path.realpath(entry.path)
+                        if not _inside(real_root, target):
+                            skip(entry.path, f"a link to {_shown(target)}, outside {_shown(root)}; links are not followed, pass `{_shown(target)}` to audit it")
+                        continue
+                    if not _is_utf8(entry.name):
+                        skip(entry.path, "the name is not valid UTF-8; rename the folder to audit what it holds")
+                        continue
+                    identity = _identity(entry.stat(follow_symlinks=False))
+                except OSError as e:
+                    skip(entry.path, e.strerror or type(e).__name__)
+                    continue
+                if identity in seen:
+                    continue
+                seen.add(identity)
+                if entry.name == schema.AUDIT_DIR_NAME and os.path.isfile(os.path.join(entry.path, schema.MANIFEST_NAME)):
+                    found.append(entry.path)
+                elif depth < max_depth:
+                    below.append(entry.path)
+        level = below
+    return found, skipped
+
+
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+def _walk_remote(fs: pafs.FileSystem, path: str, max_depth: int) -> list[str]:
+    """Object stores (``s3://`` ...) have no links: one recursive listing."""
     found = []
     selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
     for entry in fs.get_file_info(selector):
@@ -266,21 +372,83 @@ def find_runs(path_or_uri: str, max_depth: int = 4) -> list[str]:
             and entry.path.rsplit("/", 2)[-2] == schema.AUDIT_DIR_NAME
         ):
             found.append(entry.path.rsplit("/", 1)[0])
-    if not found:
-        raise RunNotFoundError(
-            f"{path_or_uri}: no reward_audit data here (no `{schema.AUDIT_DIR_NAME}/{schema.MANIFEST_NAME}`); "
-            "record a run with `config.callbacks(RewardAuditCallback)` first, then pass its trial dir"
-        )
-    return sorted(found)
+    return found
+
+
+# --------------------------------------------------------------------------- validating a run
+
+
+def _refuse_outside_link(run: str, path: str) -> None:
+    """Local runs: a manifest, table folder or part must lie in its run folder (a link may
+    point elsewhere inside it); data from another folder is never merged in silently."""
+    real_run = os.path.realpath(run)
+    if _inside(real_run, path):
+        return
+    link, target = _shown(path), _shown(os.path.realpath(path))
+    raise InvalidDataError(
+        f"{link}: a link to {target}, outside the run folder {_shown(run)}; copy the file into the run folder or remove "
+        f"the link (`rm {shlex.quote(link)} && cp -r {shlex.quote(target)} {shlex.quote(link)}`, or `rm {shlex.quote(link)}`)"
+    )
+
+
+def _nullable(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or check(v)
+
+
+def _int_at_least(low: int) -> Callable[[Any], bool]:
+    return lambda v: type(v) is int and v >= low  # not bool: True == 1 in Python
+
+
+_ITERATION_SEMANTICS = [s.value for s in schema.IterationSemantics]
+_KINDS = [k.value for k in schema.Kind]
+
+
+def _iteration_path(v: Any) -> bool:
+    return isinstance(v, list) and len(v) == 3 and isinstance(v[0], str) and v[1] in _KINDS and v[2] in _ITERATION_SEMANTICS
+
+
+# What readers rely on, per manifest field (when present): (expected, check).
+MANIFEST_CHECKS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "api_stack": ("`new` or `old`", lambda v: v in ("new", "old")),
+    "metrics_num_episodes_for_smoothing": ("a positive integer or null", _nullable(_int_at_least(1))),
+    "evaluation_interval": ("an integer ≥ 0 or null (0 and null: no evaluation)", _nullable(_int_at_least(0))),
+    "num_env_runners": ("an integer ≥ 0 or null", _nullable(_int_at_least(0))),
+    "evaluation_num_env_runners": ("an integer ≥ 0 or null", _nullable(_int_at_least(0))),
+    "num_envs_per_env_runner": ("a positive integer or null", _nullable(_int_at_least(1))),
+    "smoothing_model": ("`per_call_window`, `driver_history` or null", lambda v: v in (None, "per_call_window", "driver_history")),
+    "async_metrics": ("true, false or null", lambda v: v in (None, True, False) and type(v) is not int),
+    "evaluation_discards_last_call": ("true, false or null", lambda v: v in (None, True, False) and type(v) is not int),
+    "capture_failures": ("an integer ≥ 0", _int_at_least(0)),
+    "iteration_semantics": (
+        f"an object of path pattern -> one of {', '.join(_ITERATION_SEMANTICS)}",
+        lambda v: isinstance(v, dict) and all(s in _ITERATION_SEMANTICS for s in v.values()),
+    ),
+    "iteration_paths": (
+        f"a list of [pattern, kind ({', '.join(_KINDS)}), semantics ({', '.join(_ITERATION_SEMANTICS)})]",
+        lambda v: isinstance(v, list) and all(_iteration_path(p) for p in v),
+    ),
+}
 
 
 def _read_manifest(fs: pafs.FileSystem, path: str) -> dict[str, Any]:
+    """The run's ``run.json``, checked: at most ``MANIFEST_MAX_BYTES``, our tool, a readable
+    schema version (an int, not ``true``), and every field of ``MANIFEST_CHECKS``."""
     file = f"{path}/{schema.MANIFEST_NAME}"
+    if isinstance(fs, pafs.LocalFileSystem):
+        _refuse_outside_link(path, file)
     try:
         with fs.open_input_stream(file) as stream:
-            manifest = json.loads(stream.read().decode())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CorruptRunError(f"{file}: not valid JSON ({e}); the run's manifest is damaged, re-record the run") from e
+            data = stream.read(MANIFEST_MAX_BYTES + 1)
+    except OSError as e:
+        raise CorruptRunError(f"{file}: cannot be read ({str(e).splitlines()[0]}); check its permissions (`ls -l {shlex.quote(file)}`)") from e
+    if len(data) > MANIFEST_MAX_BYTES:
+        raise CorruptRunError(
+            f"{file}: more than {MANIFEST_MAX_BYTES >> 20} MiB, a manifest is a few KiB; the file is not a reward_audit manifest, re-record the run"
+        )
+    try:
+        manifest = json.loads(data.decode())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CorruptRunError(f"{file}: not valid JSON ({type(e).__name__}); the run's manifest is damaged, re-record the run") from e
     if not isinstance(manifest, dict) or manifest.get("tool") != schema.TOOL_NAME:
         raise RunNotFoundError(
             f"{file}: not a reward_audit manifest (written by another tool?); "
@@ -288,20 +456,70 @@ def _read_manifest(fs: pafs.FileSystem, path: str) -> dict[str, Any]:
         )
     version = manifest.get("schema_version")
     if type(version) is not int or version not in schema.READABLE_SCHEMA_VERSIONS:
+        wrote = manifest.get("reward_audit_version")
         raise SchemaVersionError(
-            f"{file}: schema version {version!r}, this reward_audit reads versions {', '.join(map(str, schema.READABLE_SCHEMA_VERSIONS))}; "
-            f"install the reward_audit that wrote it (`pip install reward_audit=={manifest.get('reward_audit_version', '?')}`)"
+            f"{file}: schema version {_brief(version)}, this reward_audit reads versions {', '.join(map(str, schema.READABLE_SCHEMA_VERSIONS))}; "
+            f"install the reward_audit that wrote it (`pip install reward_audit=={wrote if isinstance(wrote, str) else '?'}`)"
+        )
+    wrong = [f"`{key}` is {_brief(manifest[key])}, expected {expected}" for key, (expected, ok) in MANIFEST_CHECKS.items() if key in manifest and not ok(manifest[key])]
+    if wrong:
+        raise InvalidDataError(
+            f"{file}: {'; '.join(wrong)}; the manifest is damaged or hand-edited — re-record the run "
+            "(or, if a newer reward_audit wrote it, `pip install -U reward_audit`)"
         )
     return manifest
 
 
+def _brief(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _part_files(fs: pafs.FileSystem, folder: str) -> list[str]:
-    selector = pafs.FileSelector(folder, recursive=False, allow_not_found=True)
-    return sorted(
-        e.path
-        for e in fs.get_file_info(selector)
-        if e.type == pafs.FileType.File and e.base_name.endswith(".parquet") and not e.base_name.startswith(".")
-    )
+    """A table's part files (``*.parquet``; hidden temporary files skipped). Local runs: a
+    table folder or part that is a link out of the run folder is refused, a part whose name
+    is not UTF-8 too (it could not be read, and a run is never audited with rows missing)."""
+    if not isinstance(fs, pafs.LocalFileSystem):
+        selector = pafs.FileSelector(folder, recursive=False, allow_not_found=True)
+        return sorted(
+            e.path
+            for e in fs.get_file_info(selector)
+            if e.type == pafs.FileType.File and e.base_name.endswith(".parquet") and not e.base_name.startswith(".")
+        )
+    if not os.path.isdir(folder):
+        return []
+    run = os.path.dirname(folder)
+    _refuse_outside_link(run, folder)
+    files = []
+    with os.scandir(folder) as listing:
+        for entry in listing:
+            if not entry.name.endswith(".parquet") or entry.name.startswith("."):
+                continue
+            if not _is_utf8(entry.name):
+                raise InvalidDataError(
+                    f"{_shown(entry.path)}: the file name is not valid UTF-8, so the part cannot be read; "
+                    "rename it to the name it was written with (`part-<iteration>-<id>.parquet`)"
+                )
+            if entry.is_symlink():
+                _refuse_outside_link(run, entry.path)
+                if not os.path.exists(entry.path):
+                    raise CorruptRunError(f"{entry.path}: a link to a file that does not exist; remove the link (`rm {shlex.quote(entry.path)}`)")
+            if entry.is_file():
+                files.append(entry.path)
+    return sorted(files)
+
+
+def _lossless(actual: pa.DataType, expected: pa.DataType) -> bool:
+    """Whether a stored column type reads as ``expected`` without loss: the same type,
+    dictionary-encoded strings, or a narrower integer (int8 for int32, uint16 for int32)."""
+    if actual == expected:
+        return True
+    if pa.types.is_dictionary(actual):
+        return pa.types.is_string(expected) and actual.value_type == expected
+    if pa.types.is_integer(actual) and pa.types.is_signed_integer(expected):
+        signed = pa.types.is_signed_integer(actual)
+        return actual.bit_width <= expected.bit_width if signed else actual.bit_width < expected.bit_width
+    return False
 
 
 def _inspect(fs: pafs.FileSystem, file: str, name: str) -> Part:
@@ -311,7 +529,7 @@ def _inspect(fs: pafs.FileSystem, file: str, name: str) -> Part:
         with fs.open_input_file(file) as f:
             meta = pq.ParquetFile(f).metadata
             arrow_schema = meta.schema.to_arrow_schema()
-    except (pa.ArrowInvalid, OSError) as e:
+    except (pa.ArrowException, OSError) as e:
         raise CorruptRunError(f"{file}: unreadable Parquet ({str(e).splitlines()[0]}); {DAMAGED_FIX}") from e
     version = (arrow_schema.metadata or {}).get(_VERSION_KEY)
     if version not in {str(v).encode() for v in schema.READABLE_SCHEMA_VERSIONS}:
@@ -325,17 +543,28 @@ def _inspect(fs: pafs.FileSystem, file: str, name: str) -> Part:
     if missing:
         raise SchemaVersionError(f"{file}: missing columns {missing}; the file does not match schema {schema.SCHEMA_VERSION}")
     for f in expected:
-        if f.name not in arrow_schema.names:
-            continue
-        actual = arrow_schema.field(f.name).type
-        if actual != f.type and not (pa.types.is_integer(actual) and pa.types.is_integer(f.type)) and not (
-            pa.types.is_dictionary(actual) and actual.value_type == f.type
-        ):
-            raise InvalidDataError(f"{file}: column `{f.name}` is {actual}, expected {f.type}; the file was not written by reward_audit, re-record the run")
+        if f.name in arrow_schema.names and not _lossless(arrow_schema.field(f.name).type, f.type):
+            raise InvalidDataError(
+                f"{file}: column `{f.name}` is {arrow_schema.field(f.name).type}, expected {f.type}; "
+                "the file was not written by reward_audit, re-record the run"
+            )
     groups = _row_groups(meta, arrow_schema.get_field_index("iteration"))
     lo, hi = (min(g[0] for g in groups), max(g[1] for g in groups)) if groups else (0, -1)
-    replaces = (arrow_schema.metadata or {}).get(_REPLACES_KEY)
-    return Part(file, meta.num_rows, lo, hi, tuple(json.loads(replaces)) if replaces else (), groups, int(version))
+    return Part(file, meta.num_rows, lo, hi, _replaces(file, arrow_schema), groups, int(version))
+
+
+def _replaces(file: str, arrow_schema: pa.Schema) -> tuple[str, ...]:
+    """The part names a compacted part stands for (its metadata: a JSON list of names)."""
+    raw = (arrow_schema.metadata or {}).get(_REPLACES_KEY)
+    if not raw:
+        return ()
+    try:
+        names = json.loads(raw)
+    except (ValueError, RecursionError):
+        names = None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise CorruptRunError(f"{file}: its `{_REPLACES_KEY.decode()}` metadata is not a list of part names; {DAMAGED_FIX}")
+    return tuple(names)
 
 
 def _row_groups(meta: pq.FileMetaData, column: int) -> tuple[tuple[int, int, int], ...]:

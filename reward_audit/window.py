@@ -126,7 +126,10 @@ def _read_parts(run: Run, parts: list[Part], columns: list[str], a: int, b: int,
             order = base + (np.arange(n, dtype=np.int64) if rownum is None else rownum.astype(np.int64))
             t = t.append_column("ord", pa.array(order, pa.int64()))
         typed = _typed(t.schema)
-        tables.append(t if t.schema.equals(typed) else t.cast(typed))
+        try:
+            tables.append(t if t.schema.equals(typed) else t.cast(typed))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:  # store._inspect admits lossless types only
+            raise InvalidDataError(f"{part.path}: a column does not read as its schema type ({str(e).splitlines()[0]}); {DAMAGED_FIX}") from e
         file_of.append(np.full(t.num_rows, len(files), dtype=np.int32))
         files.append(part.path)
     if not tables:
