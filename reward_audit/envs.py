@@ -72,11 +72,14 @@ class ScaledRewardsEnv(MultiAgentEnv):
     factor in [0.5, 1.5) if ``random_rewards``), whatever it does.
 
     env_config: ``agents`` (ids, ints or strings; default ``[0, 1]``), ``scales`` (default
-    ``[1, 10, ...]``), ``episode_len`` (default 30), ``random_rewards``, ``ledger_dir``.
+    ``[1, 10, ...]``), ``episode_len`` (default 30), ``random_rewards``, ``ledger_dir``;
+    ``crash_once``: a file path — the first env of a remote runner (worker index ≥ 1) that
+    finds no file there creates it and raises at step 5 (tests of runner restarts).
     """
 
     def __init__(self, config: dict | None = None):
         super().__init__()
+        remote = bool(getattr(config, "worker_index", 0))  # an EnvContext
         config = dict(config or {})
         self.agents = self.possible_agents = list(config.get("agents", [0, 1]))
         scales = config.get("scales") or [10.0**i for i in range(len(self.agents))]
@@ -86,6 +89,7 @@ class ScaledRewardsEnv(MultiAgentEnv):
         self.rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
         _declare_spaces(self, gym.spaces.Box(0.0, 1.0, (2,), np.float32), gym.spaces.Discrete(2))
         self.ledger = _Ledger(config.get("ledger_dir"))
+        self.crash_once = config.get("crash_once") if remote else None
         self.t = 0
 
     def _obs(self) -> dict:
@@ -100,6 +104,14 @@ class ScaledRewardsEnv(MultiAgentEnv):
 
     def step(self, action_dict: dict):
         self.t += 1
+        if self.crash_once and self.t == 5:
+            try:
+                with open(self.crash_once, "x"):
+                    pass
+            except FileExistsError:
+                self.crash_once = None
+            else:
+                raise RuntimeError("ScaledRewardsEnv: crash_once")
         rewards = {}
         for aid in self.agents:
             factor = self.rng.uniform(0.5, 1.5) if self.random_rewards else 1.0
