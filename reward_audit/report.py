@@ -36,12 +36,13 @@ def visible(text: object) -> str:
     return s if s.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
 
 
-_MD = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", **{c: "\\" + c for c in "\\`*_[]|~"}})
+_MD = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", **{c: "\\" + c for c in "\\`*[]|~"}})
 
 
 def md_text(text: object) -> str:
     """Markdown prose and table cells: one line (``visible``), HTML characters as entities,
-    Markdown punctuation (pipes, backticks, emphasis, links) backslash-escaped."""
+    Markdown punctuation (pipes, backticks, ``*``, links) backslash-escaped. ``_`` is left
+    alone: GitHub never emphasises inside a word, and ``policy_reward_mean`` stays readable."""
     return visible(text).translate(_MD)
 
 
