@@ -142,7 +142,8 @@ def _audit_and_print(path: str, as_json: bool, verbose: bool, fail_on: frozenset
 @click.version_option(package_name="reward_audit")
 def main() -> None:
     """Audit per-agent reward attribution of Ray RLlib runs recorded with RewardAuditCallback."""
-    # A terminal whose encoding cannot show a character (`LC_ALL=C`) gets `\u2014`, not a crash.
+    # A terminal whose encoding cannot show a character (latin-1, say) gets `\u2014`, not a crash;
+    # where the locale says ASCII (`LC_ALL=C`) click already writes UTF-8.
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
