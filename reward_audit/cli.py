@@ -11,6 +11,7 @@ import math
 import os
 import sys
 import tempfile
+import uuid
 from typing import Any, Callable
 
 import click
@@ -18,8 +19,8 @@ import click
 from .audit import FAILURES, Verdict
 from .compare import compare
 from .errors import RewardAuditError
-from .report import render_json, render_text
-from .store import load_runs
+from .report import render_json, render_text, visible
+from .store import find_runs, load_runs
 
 EXIT_OK, EXIT_FINDINGS, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -34,23 +35,32 @@ def _parse_fail_on(ctx: click.Context, param: click.Parameter, value: str) -> fr
         raise click.BadParameter(f"{value!r}: use a comma-separated list of {', '.join(v.value.lower() for v in Verdict)}")
 
 
+_allow_unverified = click.option(
+    "--allow-unverified",
+    is_flag=True,
+    help="Exit 0 even when nothing could be verified in a run or phase (by default that fails: a CLEAN must mean checked and equal).",
+)
+_fail_on = click.option(
+    "--fail-on",
+    default=",".join(sorted(v.value.lower() for v in FAILURES)),
+    show_default=True,
+    callback=_parse_fail_on,
+    help="Verdicts that make the exit code 1 (e.g. `leak,drop,mismatch,excluded`).",
+)
+
+
 def audit_options(fn: Callable) -> Callable:
-    """Flags shared by every command that audits a run."""
+    """Flags shared by every command that audits a run and prints it."""
     fn = click.option("--json", "as_json", is_flag=True, help="Print one JSON document (a list of verdict objects) instead of the table.")(fn)
-    fn = click.option(
-        "--allow-unverified",
-        is_flag=True,
-        help="Exit 0 even when nothing could be verified in a run or phase (by default that fails: a CLEAN must mean checked and equal).",
-    )(fn)
+    fn = _allow_unverified(fn)
     fn = click.option("--verbose", "-v", is_flag=True, help="Show the episodes (ids, truth, reported, attribution) behind each finding.")(fn)
-    fn = click.option(
-        "--fail-on",
-        default=",".join(sorted(v.value.lower() for v in FAILURES)),
-        show_default=True,
-        callback=_parse_fail_on,
-        help="Verdicts that make the exit code 1 (e.g. `leak,drop,mismatch,excluded`).",
-    )(fn)
-    return tolerance_options(fn)
+    return tolerance_options(_fail_on(fn))
+
+
+def exit_options(fn: Callable) -> Callable:
+    """``--fail-on`` / ``--allow-unverified`` (what exit code 1 means) and the tolerances,
+    for a command that audits a run without printing it (``report``)."""
+    return tolerance_options(_fail_on(_allow_unverified(fn)))
 
 
 def _tolerance(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
@@ -78,13 +88,13 @@ def _one_line_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except RewardAuditError as e:
-            click.echo(f"Error: {e}", err=True)
+            click.echo(f"Error: {visible(e)}", err=True)
             sys.exit(EXIT_BAD_INPUT)
         except Exception as e:  # never a traceback for the user; keep it one line
             if os.environ.get("REWARD_AUDIT_DEBUG"):
                 raise
-            where = kwargs.get("path") or kwargs.get("out") or "the run"
-            first = str(e).splitlines()[0] if str(e) else ""
+            where = visible(kwargs.get("path") or kwargs.get("out") or "the run")
+            first = visible(str(e).splitlines()[0]) if str(e) else ""
             click.echo(
                 f"Error: {where}: could not audit ({type(e).__name__}: {first}); "
                 "rerun with `REWARD_AUDIT_DEBUG=1` for the traceback and report it",
@@ -114,7 +124,7 @@ def audit_all(path: str, atol: float | None, rtol: float | None, progress: bool 
         step = None
         if show:
             def step(what: str, fraction: float, i: int = i, name: str = run.name) -> None:
-                show(f"{name}: {what}" if len(runs) > 1 else what, (i + fraction) / len(runs))
+                show(f"{visible(name)}: {what}" if len(runs) > 1 else what, (i + fraction) / len(runs))
         audits.append(compare(run, atol=atol, rtol=rtol, progress=step))
     if show:
         click.echo("\r\x1b[K", err=True, nl=False)
@@ -134,6 +144,11 @@ def _audit_and_print(path: str, as_json: bool, verbose: bool, fail_on: frozenset
 @click.version_option(package_name="reward_audit")
 def main() -> None:
     """Audit per-agent reward attribution of Ray RLlib runs recorded with RewardAuditCallback."""
+    # A terminal whose encoding cannot show a character (latin-1, say) gets `\u2014`, not a crash;
+    # where the locale says ASCII (`LC_ALL=C`) click already writes UTF-8.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
 
 
 @main.command("compare")
@@ -152,25 +167,73 @@ def compare_cmd(path: str, as_json: bool, verbose: bool, fail_on: frozenset[Verd
 
 @main.command("report")
 @click.argument("path")
-@click.option("-o", "--output", "output", default=None, help="File to write (default: report.html / report.md in the current folder).")
+@click.option(
+    "-o", "--output", "output", default=None,
+    help="File to write (default: report.html / report.md in the current folder); `-o -` writes to stdout. "
+    "Never an existing file (unless --force), a symlink, or a path inside an audited `reward_audit/` folder.",
+)
+@click.option("--force", is_flag=True, help="Overwrite the output file if it exists (it is replaced atomically).")
 @click.option("--format", "fmt", type=click.Choice(["html", "md"]), default="html", show_default=True, help="Self-contained HTML with plots, or Markdown for an issue tracker.")
-@tolerance_options
+@exit_options
 @_one_line_errors
-def report_cmd(path: str, output: str | None, fmt: str, atol: float | None, rtol: float | None) -> None:
+def report_cmd(path: str, output: str | None, force: bool, fmt: str, fail_on: frozenset[Verdict], allow_unverified: bool, atol: float | None, rtol: float | None) -> None:
     """Write a report: verdicts, attribution, example episodes, and per module the
-    dashboard value vs. the truth over iterations (plots)."""
+    dashboard value vs. the truth over iterations (plots). Several trials (a Tune
+    experiment dir) give one document with a section per trial.
+
+    Exit codes as `compare`: 0 no failing verdict; 1 a failing verdict (`--fail-on`), or
+    nothing could be verified (`--allow-unverified`); 2 bad input or an output path it
+    refuses. The file is written in UTF-8 whatever the locale, all at once (a temporary
+    file renamed into place)."""
     from .report import render_html, render_markdown
 
+    output = output or f"report.{fmt}"
+    if output != "-":
+        _check_output(output, path, force)
     audits = audit_all(path, atol, rtol)
     render = render_html if fmt == "html" else render_markdown
-    text = "\n".join(render(a) for a in audits)  # several trials: one section (HTML: page) each
-    output = output or f"report.{fmt}"
+    text = render(audits, fail_on=fail_on, allow_unverified=allow_unverified)
+    failing = sum(len(a.failures(fail_on)) for a in audits)
+    if output == "-":
+        click.echo(text, nl=False)
+    else:
+        _write_atomically(output, text)
+        click.echo(f"wrote {visible(output)} ({len(audits)} run{'s' if len(audits) > 1 else ''}, {failing} failing findings)")
+    sys.exit(EXIT_OK if all(a.passes(fail_on, allow_unverified=allow_unverified) for a in audits) else EXIT_FINDINGS)
+
+
+def _check_output(output: str, path: str, force: bool) -> None:
+    """Refuse an output path that could destroy data: a symlink (its target would be
+    written), anything inside an audited run folder (its manifest or part files), an
+    existing file without ``--force``."""
+    if os.path.islink(output):
+        raise RewardAuditError(f"{output}: is a symlink; `report` never writes through one, pass the real file with `-o`")
+    target = os.path.realpath(output)
+    for run in find_runs(path) if "://" not in path else []:
+        folder = os.path.realpath(run)
+        if os.path.commonpath([target, folder]) == folder:
+            raise RewardAuditError(f"{output}: is inside the audited run folder {run}; pass a path outside it with `-o`, e.g. `-o report.html`")
+    if os.path.isdir(target):
+        raise RewardAuditError(f"{output}: is a folder; pass a file name with `-o`, e.g. `-o {os.path.join(output, 'report.html')}`")
+    if os.path.lexists(output) and not force:
+        raise RewardAuditError(f"{output}: already exists; pass `--force` to overwrite it, or another file with `-o`")
+
+
+def _write_atomically(output: str, text: str) -> None:
+    """UTF-8, to a temporary file in the target folder renamed over ``output``: readers
+    and a failed write never see half a report."""
+    folder, name = os.path.split(os.path.abspath(output))
+    tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with open(output, "w") as f:
-            f.write(text)
+        try:
+            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, output)
+        finally:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
     except OSError as e:
         raise RewardAuditError(f"{output}: cannot write the report ({e.strerror}); pass a writable path with `-o`") from e
-    click.echo(f"wrote {output} ({len(audits)} run{'s' if len(audits) > 1 else ''}, {sum(len(a.failures()) for a in audits)} failing findings)")
 
 
 @main.command("demo")

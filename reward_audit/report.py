@@ -1,5 +1,6 @@
 """Rendering an ``Audit``: a short terminal table (one line per finding, ``verbose`` adds
-the evidence) and JSON for machines. Pure functions returning strings.
+the evidence), JSON for machines, and Markdown / self-contained HTML documents (one
+section per run). Pure functions returning strings.
 
 Sample terminal output (``reward-audit compare``)::
 
@@ -8,14 +9,57 @@ Sample terminal output (``reward-audit compare``)::
     train       module   p0              14           30           30            0  CLEAN
     ...
     3 CLEAN, 1 EXCLUDED — no failures
+
+Every string that comes from the data (agent / module ids, episode and runner ids, paths,
+messages that quote them) passes through one escaping helper per output format:
+``visible`` (terminal, plot labels), ``md_text`` / ``md_code`` (Markdown), ``html_text``
+(HTML); JSON is escaped by ``json.dumps``. An id like ``"a\\n3 CLEAN — no failures"``
+is shown as ``a\\n3 CLEAN — no failures`` on one line, never as a forged line.
 """
 
 from __future__ import annotations
 
+import html
 import json
-from typing import Iterable
+from typing import Callable, Iterable, Sequence
 
 from .audit import FAILURES, Audit, Finding, Verdict, plural
+
+# --------------------------------------------------------------------------- escaping, one helper per format
+
+
+def visible(text: object) -> str:
+    """Terminal text and plot labels: every control or invisible character (newline, tab,
+    ESC, bidi overrides, non-ASCII spaces) shown as its Python escape (``\\n``, ``\\x1b``,
+    ``\\u202e``), so data can never start a line, move the cursor or recolour the terminal."""
+    s = str(text)
+    return s if s.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
+
+
+_MD = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", **{c: "\\" + c for c in "\\`*[]|~"}})
+
+
+def md_text(text: object) -> str:
+    """Markdown prose and table cells: one line (``visible``), HTML characters as entities,
+    Markdown punctuation (pipes, backticks, ``*``, links) backslash-escaped. ``_`` is left
+    alone: GitHub never emphasises inside a word, and ``policy_reward_mean`` stays readable."""
+    return visible(text).translate(_MD)
+
+
+def md_code(text: object) -> str:
+    """An id as Markdown code: a plain code span when nothing in it is special, else an
+    HTML ``<code>`` element with escaped content (a code span cannot hold a pipe inside a
+    table, and would show ``<script>`` raw in the file)."""
+    s = visible(text)
+    return f"<code>{md_text(s)}</code>" if any(c in s for c in '`|<>&"') else f"`{s}`"
+
+
+def html_text(text: object) -> str:
+    """HTML text and attribute values (quotes escaped too), control characters visible."""
+    return html.escape(visible(text))
+
+
+# --------------------------------------------------------------------------- terminal and JSON
 
 
 def _num(x: float | None) -> str:
@@ -24,10 +68,27 @@ def _num(x: float | None) -> str:
     return f"{x + 0.0:.6g}"  # + 0.0: never "-0"
 
 
-def _header(audit: Audit) -> str:
+def _header_text(audit: Audit) -> str:
     m = audit.manifest
     fault = f" [SELF-TEST: fault {m['injected_fault']!r} injected]" if m.get("injected_fault") else ""
-    return f"== {audit.name} (Ray {m.get('ray_version', '?')}, {m.get('api_stack', '?')} API stack, adapter {m.get('adapter', '?')}){fault} — {audit.path}"
+    return f"{audit.name} (Ray {m.get('ray_version', '?')}, {m.get('api_stack', '?')} API stack, adapter {m.get('adapter', '?')}){fault} — {audit.path}"
+
+
+def _header(audit: Audit) -> str:
+    return f"== {_header_text(audit)}"
+
+
+def _summary(audit: Audit, fail_on: Iterable[Verdict] | None = None, allow_unverified: bool = False) -> str:
+    """``5 CLEAN, 4 LEAK — 4 failing``: counts per verdict (most severe last, as the enum
+    lists them), then what fails under ``fail_on`` / ``allow_unverified``."""
+    order = [v.value for v in Verdict]
+    counts = sorted(audit.counts().items(), key=lambda kv: order.index(kv[0]))
+    summary = ", ".join(f"{n} {v}" for v, n in counts)
+    failures = audit.failures(fail_on) if fail_on is not None else audit.failures()
+    state = f"{len(failures)} failing" if failures else "no failures"
+    if audit.nothing_verified:
+        state += ", NOTHING VERIFIED" + (" (allowed by --allow-unverified)" if allow_unverified else " — fails; `--allow-unverified` accepts it")
+    return f"{summary or 'no findings'} — {state}"
 
 
 def _primary(series: Iterable) -> list:
@@ -38,13 +99,15 @@ def _primary(series: Iterable) -> list:
 def render_table(findings: Iterable[Finding]) -> list[str]:
     rows = [("phase", "kind", "key", "episodes", "truth", "reported", "diff", "verdict")]
     for f in findings:
-        rows.append((f.phase, f.kind, f.key, str(f.episodes), _num(f.truth), _num(f.reported), _num(f.difference), f.verdict.value))
+        rows.append((visible(f.phase), visible(f.kind), visible(f.key), str(f.episodes), _num(f.truth), _num(f.reported), _num(f.difference), f.verdict.value))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     right = {3, 4, 5, 6}
     return ["  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in rows]
 
 
 def render_text(audit: Audit, *, verbose: bool = False, fail_on: Iterable[Verdict] | None = None, allow_unverified: bool = False) -> str:
+    """The terminal rendering. Each entry of ``lines`` is one line: ``visible`` makes sure
+    no id, path or message in it can break it into two."""
     lines = [_header(audit)]
     lines += render_table(audit.findings)
     notable = [f for f in audit.findings if f.verdict != Verdict.CLEAN]
@@ -74,17 +137,11 @@ def render_text(audit: Audit, *, verbose: bool = False, fail_on: Iterable[Verdic
     lines += [f"note: {n}" for n in audit.notes]
     if notable and not verbose and any(f.evidence for f in notable):
         lines.append("(`--verbose` shows the episodes that prove each finding)")
-    counts = audit.counts()
-    summary = ", ".join(f"{n} {v}" for v, n in sorted(counts.items(), key=lambda kv: [x.value for x in Verdict].index(kv[0])))
-    failures = audit.failures(fail_on) if fail_on is not None else audit.failures()
     if audit.nothing_verified:
         lines.append("")
         lines += [f"{'UNVERIFIED':<10} {reason}" for reason in audit.nothing_verified]
-    state = f"{len(failures)} failing" if failures else "no failures"
-    if audit.nothing_verified:
-        state += ", NOTHING VERIFIED" + (" (allowed by --allow-unverified)" if allow_unverified else " — fails; `--allow-unverified` accepts it")
-    lines.append(f"{summary or 'no findings'} — {state}")
-    return "\n".join(lines)
+    lines.append(_summary(audit, fail_on, allow_unverified))
+    return "\n".join(visible(line) for line in lines)
 
 
 def render_json(audits: list[Audit], *, fail_on: Iterable[Verdict] | None = None, allow_unverified: bool = False) -> str:
@@ -121,22 +178,23 @@ _WINDOWS = {
 }
 
 
-def meaning_lines(audit: Audit) -> list[str]:
+def meaning_lines(audit: Audit, *, text: Callable[[object], str] = str, code: Callable[[object], str] = lambda s: f"`{s}`") -> list[str]:
     """What each reported number means for this run's Ray version and API stack (from the
-    adapter's declarations recorded in the manifest)."""
+    adapter's declarations recorded in the manifest). ``text`` / ``code`` format the
+    manifest's values (prose / code) for a document format; the default is plain text."""
     m = audit.manifest
     S = m.get("metrics_num_episodes_for_smoothing")
     lines = [
-        f"Ray {m.get('ray_version')} ({m.get('api_stack')} API stack), captured by adapter `{m.get('adapter')}`.",
-        "Per-episode values: the sum over the whole episode of the rewards RLlib counts for the agent "
-        "(`agent`, `policy` rows) or for every agent mapped to the module in that episode (`module`); "
+        f"Ray {text(m.get('ray_version'))} ({text(m.get('api_stack'))} API stack), captured by adapter {code(m.get('adapter'))}.",
+        f"Per-episode values: the sum over the whole episode of the rewards RLlib counts for the agent "
+        f"({code('agent')}, {code('policy')} rows) or for every agent mapped to the module in that episode ({code('module')}); "
         "rewards paid before or with an agent's first observation are never counted (EXCLUDED).",
     ]
     model = m.get("smoothing_model")
     if model in _WINDOWS:
-        lines.append(f"Which episodes one iteration's value covers (S = {S}): {_WINDOWS[model]}.")
+        lines.append(f"Which episodes one iteration's value covers (S = {text(S)}): {_WINDOWS[model]}.")
     for pattern, semantics in sorted((m.get("iteration_semantics") or {}).items()):
-        lines.append(f"`{pattern}…`: {_MEANING.get(semantics, semantics)}.")
+        lines.append(f"{code(pattern + '…')}: {_MEANING.get(semantics) or text(semantics)}.")
     return lines
 
 
@@ -157,7 +215,8 @@ def plotted_series(audit: Audit) -> tuple[list, int]:
 
 
 def _plots(audit: Audit) -> list[tuple[str, str]]:
-    """(title, base64 PNG) per dashboard series of a module / policy / agent mean."""
+    """(title, base64 PNG) per dashboard series of a module / policy / agent mean. Titles
+    hold ids: shown ``visible`` and never parsed as mathtext (``$`` in an id is just ``$``)."""
     import base64
     import io
 
@@ -178,7 +237,7 @@ def _plots(audit: Audit) -> list[tuple[str, str]]:
         ax.set_xlabel("training iteration")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("return")
-        ax.set_title(f"{d.phase}: {d.path}", fontsize=9)
+        ax.set_title(visible(f"{d.phase}: {d.path}"), fontsize=9, parse_math=False, usetex=False)
         ax.legend(fontsize=7, loc="best")
         fig.tight_layout()
         buf = io.BytesIO()
@@ -188,34 +247,51 @@ def _plots(audit: Audit) -> list[tuple[str, str]]:
     return out
 
 
-def render_markdown(audit: Audit) -> str:
-    lines = [f"## reward_audit: {audit.name}", "", _header(audit).lstrip("= "), ""]
+def _as_list(audits: Audit | Sequence[Audit]) -> list[Audit]:
+    return [audits] if isinstance(audits, Audit) else list(audits)
+
+
+def _markdown_section(audit: Audit, fail_on: Iterable[Verdict] | None, allow_unverified: bool) -> list[str]:
+    lines = [f"## reward_audit: {md_text(audit.name)}", "", f"Run {md_text(_header_text(audit))}", "", f"**{md_text(_summary(audit, fail_on, allow_unverified))}**", ""]
+    lines += [f"- UNVERIFIED: {md_text(reason)}" for reason in audit.nothing_verified] + ([""] if audit.nothing_verified else [])
     lines += ["| phase | kind | key | episodes | truth | reported | diff | verdict |", "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |"]
     for f in audit.findings:
-        lines.append(f"| {f.phase} | {f.kind} | `{f.key}` | {f.episodes} | {_num(f.truth)} | {_num(f.reported)} | {_num(f.difference)} | **{f.verdict.value}** |")
+        lines.append(
+            f"| {md_text(f.phase)} | {md_text(f.kind)} | {md_code(f.key)} | {f.episodes} | {_num(f.truth)} | {_num(f.reported)} | {_num(f.difference)} | **{f.verdict.value}** |"
+        )
     notable = [f for f in audit.findings if f.verdict != Verdict.CLEAN]
     if notable:
         lines += ["", "### Findings", ""]
         for f in notable:
-            lines.append(f"- **{f.verdict.value}** {f.phase} {f.kind} `{f.key}`: {f.message}")
+            lines.append(f"- **{f.verdict.value}** {md_text(f.phase)} {md_text(f.kind)} {md_code(f.key)}: {md_text(f.message)}")
             if f.attribution:
-                lines.append(f"  - attribution: {f.attribution}")
+                lines.append(f"  - attribution: {md_text(f.attribution)}")
             for e in f.evidence[:3]:
-                lines.append(f"  - episode `{e.episode_id}` ({plural(e.chunks, 'chunk')}): truth {e.truth:.6g}, reported {e.reported:.6g} — {e.explanation}")
+                lines.append(
+                    f"  - episode {md_code(e.episode_id)} ({plural(e.chunks, 'chunk')}): truth {e.truth:.6g}, reported {e.reported:.6g} — {md_text(e.explanation)}"
+                )
     off = [d for d in audit.dashboard if d.wrong_iterations or d.unreconstructable]
     lines += ["", "### Dashboards", ""]
-    lines += [f"- {d.summary()}" for d in off] or [f"- all {len(audit.dashboard)} recorded series match the truth"]
-    lines += ["", "### What the numbers mean", ""] + [f"- {x}" for x in meaning_lines(audit)]
+    lines += [f"- {md_text(d.summary())}" for d in off] or [f"- all {len(audit.dashboard)} recorded series match the truth"]
+    lines += ["", "### What the numbers mean", ""] + [f"- {x}" for x in meaning_lines(audit, text=md_text, code=md_code)]
+    return lines
+
+
+def render_markdown(audits: Audit | Sequence[Audit], *, fail_on: Iterable[Verdict] | None = None, allow_unverified: bool = False) -> str:
+    """One Markdown document for an issue tracker: a section (``## reward_audit: <run>``)
+    per audited run, after a short index when there are several."""
+    audits = _as_list(audits)
+    lines = []
+    if len(audits) > 1:
+        lines += [f"# reward_audit: {len(audits)} runs", ""]
+        lines += [f"- {md_text(a.name)}: {md_text(_summary(a, fail_on, allow_unverified))}" for a in audits] + [""]
+    for i, audit in enumerate(audits):
+        lines += ([""] if i else []) + _markdown_section(audit, fail_on, allow_unverified)
     return "\n".join(lines) + "\n"
 
 
-def render_html(audit: Audit) -> str:
-    """One self-contained HTML page (plots inlined as PNG; no network needed)."""
-    import html
-
-    def esc(x: object) -> str:
-        return html.escape(str(x))
-
+def _html_section(audit: Audit, index: int, fail_on: Iterable[Verdict] | None, allow_unverified: bool) -> str:
+    esc = html_text
     rows = "".join(
         f"<tr><td>{esc(f.phase)}</td><td>{esc(f.kind)}</td><td><code>{esc(f.key)}</code></td><td class=n>{f.episodes}</td>"
         f"<td class=n>{_num(f.truth)}</td><td class=n>{_num(f.reported)}</td><td class=n>{_num(f.difference)}</td>"
@@ -229,7 +305,7 @@ def render_html(audit: Audit) -> str:
             f"<td class=n>{e.reported:.6g}</td><td class=n>{e.difference:+.6g}</td><td>{esc(e.explanation)}</td></tr>"
             for e in f.evidence
         )
-        findings += f"<h3>{f.verdict.value} — {esc(f.phase)} {esc(f.kind)} <code>{esc(f.key)}</code></h3><p>{esc(f.message)}</p>"
+        findings += f"<h4>{f.verdict.value} — {esc(f.phase)} {esc(f.kind)} <code>{esc(f.key)}</code></h4><p>{esc(f.message)}</p>"
         if f.attribution:
             findings += f"<p><b>Attribution:</b> {esc(f.attribution)}</p>"
         if ev:
@@ -241,24 +317,42 @@ def render_html(audit: Audit) -> str:
     dash += f"<li>{len(audit.dashboard) - len(off_series)} other recorded series match the truth</li>" if len(audit.dashboard) > len(off_series) else ""
     if hidden:
         dash += f"<li>{hidden} more series are off but not plotted (listed above)</li>"
-    meaning = "".join(f"<li>{esc(x)}</li>" for x in meaning_lines(audit))
-    summary = ", ".join(f"{n} {v}" for v, n in sorted(audit.counts().items()))
+    meaning = "".join(f"<li>{x}</li>" for x in meaning_lines(audit, text=esc, code=lambda s: f"<code>{esc(s)}</code>"))
+    unverified = "".join(f"<li>UNVERIFIED: {esc(reason)}</li>" for reason in audit.nothing_verified)
+    return f"""<section id="run-{index}">
+<h2>{esc(audit.name)}</h2>
+<p>{esc(_header_text(audit))}</p>
+<p><b>{esc(_summary(audit, fail_on, allow_unverified))}</b></p>{f"<ul>{unverified}</ul>" if unverified else ""}
+<h3>Verdicts</h3>
+<table><tr><th>phase</th><th>kind</th><th>key</th><th>episodes</th><th>truth</th><th>reported</th><th>diff</th><th>verdict</th></tr>{rows}</table>
+<h3>Dashboards: shown vs. truth per iteration</h3>{plots or "<p>No dashboard series were recorded.</p>"}<ul>{dash}</ul>
+<h3>Findings and example episodes</h3>{findings or "<p>None.</p>"}
+<h3>What the numbers mean</h3><ul>{meaning}</ul>
+</section>
+"""
+
+
+def render_html(audits: Audit | Sequence[Audit], *, fail_on: Iterable[Verdict] | None = None, allow_unverified: bool = False) -> str:
+    """One self-contained HTML page (plots inlined as PNG; no network needed) with a
+    section per audited run, after an index linking them when there are several."""
+    audits = _as_list(audits)
+    esc = html_text
+    title = audits[0].name if len(audits) == 1 else f"{len(audits)} runs"
+    index = ""
+    if len(audits) > 1:
+        items = "".join(f"<li><a href='#run-{i}'>{esc(a.name)}</a>: {esc(_summary(a, fail_on, allow_unverified))}</li>" for i, a in enumerate(audits))
+        index = f"<ul>{items}</ul>\n"
+    sections = "".join(_html_section(a, i, fail_on, allow_unverified) for i, a in enumerate(audits))
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>reward_audit: {esc(audit.name)}</title>
+<html lang="en"><head><meta charset="utf-8"><title>reward_audit: {esc(title)}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 1100px; color: #222; }}
 table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }}
 td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: left; }}
 td.n {{ text-align: right; font-variant-numeric: tabular-nums; }}
 figure {{ display: inline-block; margin: 0.5em; }} figcaption {{ font-size: 0.8em; color: #555; }}
+section {{ border-top: 2px solid #888; margin-top: 2em; }}
 </style></head><body>
-<h1>reward_audit: {esc(audit.name)}</h1>
-<p>{esc(_header(audit).lstrip("= "))}</p>
-<p><b>{esc(summary)}</b> — {"no failures" if audit.ok else f"{len(audit.failures())} failing"}</p>
-<h2>Verdicts</h2>
-<table><tr><th>phase</th><th>kind</th><th>key</th><th>episodes</th><th>truth</th><th>reported</th><th>diff</th><th>verdict</th></tr>{rows}</table>
-<h2>Dashboards: shown vs. truth per iteration</h2>{plots or "<p>No dashboard series were recorded.</p>"}<ul>{dash}</ul>
-<h2>Findings and example episodes</h2>{findings or "<p>None.</p>"}
-<h2>What the numbers mean</h2><ul>{meaning}</ul>
-</body></html>
+<h1>reward_audit: {esc(title)}</h1>
+{index}{sections}</body></html>
 """

@@ -38,7 +38,7 @@ def test_cli_report_writes_file_and_bad_output_exits_2(tmp_path):
     path = leaky(tmp_path / "run")
     out = tmp_path / "r.md"
     result = CliRunner().invoke(main, ["report", path, "--format", "md", "-o", str(out)])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # a failing verdict: exit 1, as `compare`
     assert "1 failing findings" in result.output and out.read_text().startswith("## reward_audit")
     bad = CliRunner().invoke(main, ["report", path, "-o", str(tmp_path / "missing" / "r.html")])
     assert bad.exit_code == 2 and "cannot write the report" in bad.output
