@@ -359,12 +359,16 @@ def _reduce(frame: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     ).reset_index()
 
 
-def driver_history_windows(frame: pd.DataFrame, hist: pd.DataFrame | None, displayed: pd.DataFrame, S: int, a: int, b: int) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+def driver_history_windows(
+    frame: pd.DataFrame, hist: pd.DataFrame | None, displayed: pd.DataFrame, S: int, a: int, b: int, fresh: tuple[int, ...] = ()
+) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """``driver_history`` (Ray 2.1x / old stack): an iteration covers the last max(S, new)
     episodes (training), or that iteration's episodes (evaluation). ``frame``: one window's
     reported values with runner and episode ids, in RLlib's order; ``hist``: the last S
     episodes' values per series from earlier windows. Returns the reduced values per
-    (series, iteration) of the iterations ``a..b`` the dashboard showed, and the new ``hist``."""
+    (series, iteration) of the iterations ``a..b`` the dashboard showed, and the new ``hist``.
+    ``fresh``: iterations where a new process took over (a reopened run): its history
+    starts empty there."""
     parts = [_reduce(frame[frame["phase"] == "evaluation"], ["phase", "kind", "sel_key", "iteration"])]
     train = frame[frame["phase"] != "evaluation"]
     if hist is not None:
@@ -387,6 +391,9 @@ def driver_history_windows(frame: pd.DataFrame, hist: pd.DataFrame | None, displ
                 continue
             hi = int(np.arange(1, len(first) + 1)[upto].max())
             lo = hi - max(S, int((ep_it == it).sum()))
+            start = max((f for f in fresh if f <= it), default=None)
+            if start is not None:  # nothing from before the new process
+                lo = max(lo, int(np.searchsorted(ep_it >= start, True)) if (ep_it >= start).any() else hi)
             sel_rows = g[(g_pos > lo) & (g_pos <= hi)]
             rows.append(
                 {

@@ -136,17 +136,29 @@ def _unique_drains(run: Run, drains: pd.DataFrame) -> pd.DataFrame:
 
 
 def _restarts(drains: pd.DataFrame, out: Handover) -> None:
-    for (phase, index), d in drains.groupby(["phase", "worker_index"]):
-        spans = d.groupby("runner_id")["iteration"].agg(["min", "max"]).sort_values("min")
-        if len(spans) < 2:
-            continue
-        lives = [f"{_short(r)} iterations {lo}–{hi}" if lo != hi else f"{_short(r)} iteration {lo}" for r, (lo, hi) in spans.iterrows()]
-        text = f"runner {phase}/{index} was restarted {plural(len(spans) - 1, 'time')} ({'; '.join(lives)}): rows an incarnation buffered after its last hand-over died with it"
-        per_it = d.groupby("iteration")["reported_rows"].sum()
-        quiet = [int(i) for i, n in per_it.items() if n == 0 and i > spans["min"].iloc[0]]
-        if quiet:
-            text += f"; iterations {_ranges(quiet)} reported no episodes from it"
-        out.notes.append(text)
+    """Per (phase, worker index): iterations without a hand-over, and new incarnations. A
+    runner that crashed took the rows it held since its last hand-over with it (RLlib
+    loses its metrics too); how many is unknowable here, the iterations are not."""
+    for phase, p in drains.groupby("phase"):
+        iterations = set(p["iteration"].tolist())
+        for index, d in p.groupby("worker_index"):
+            spans = d.groupby("runner_id").agg(first=("iteration", "min"), last=("iteration", "max"), seq=("drain_seq", "min")).sort_values("first")
+            silent = sorted(iterations - set(d["iteration"].tolist()))
+            # A fresh incarnation: a second runner id, or the first one starting after the
+            # phase's first hand-over (its predecessor died before handing anything over).
+            restarts = len(spans) - 1 + int(spans["first"].iloc[0] > min(iterations))
+            if not restarts and not silent:
+                continue
+            lives = "; ".join(f"incarnation {_short(r)}: iterations {s.first}–{s.last}" if s.first != s.last else f"incarnation {_short(r)}: iteration {s.first}" for r, s in spans.iterrows())
+            text = f"runner {phase}/{index} "
+            text += ("was restarted" + (f" {restarts} times" if restarts > 1 else "")) if restarts else "stopped answering"
+            if silent:
+                text += f"; no hand-over in iterations {_ranges(silent)}"
+            text += f" ({lives}). The rows a crashed incarnation held since its last hand-over were lost with it, and so were RLlib's values for them"
+            quiet = [int(i) for i, n in d.groupby("iteration")["reported_rows"].sum().items() if n == 0]
+            if quiet:
+                text += f"; iterations {_ranges(quiet)} reported no episodes from it"
+            out.findings.append(Finding(str(phase), Kind.EPISODE.value, f"runner-{index}", Verdict.INCOMPLETE, 0, None, None, None, text))
 
 
 def _segments(run: Run, out: Handover) -> None:

@@ -105,6 +105,7 @@ def _tally_run(
         discard=bool(m.get("evaluation_discards_last_call")),
         async_metrics=bool(m.get("async_metrics")),
     )
+    ctx.fresh = tuple(int(seg.get("first_iteration") or 0) for seg in (m.get("segments") or [])[1:] if seg.get("reason") == "reopened")
     if ctx.model == "driver_history":
         ctx.displayed = run.read("reported_iterations").select(["phase", "kind", "key", "iteration"]).to_pandas().drop_duplicates()
     rep_parts = list(run.parts.get("reported_episodes", ()))
@@ -174,6 +175,7 @@ class _Context:
     rep_index: dict = field(default_factory=dict)
     closed: list = field(default_factory=list)  # uint64 hashes of closed (runner, episode)
     hist: pd.DataFrame | None = None  # driver_history: the last S episodes' rows per series
+    fresh: tuple = ()  # iterations where a new process took over the run (reopened segments)
     fallback: int = 0  # values compared with the schema-1 relative tolerance
 
 
@@ -653,5 +655,5 @@ def _dashboard(w: Window, ctx: _Context, out: Tally, a: int, b: int) -> None:
         frame = label.iloc[g2].reset_index(drop=True).assign(
             runner=w.runners[w.ep_runner[e]], episode=w.episodes[w.ep_episode[e]], call=w.c_call[shown], ord=w.c_ord[shown], value=value, truth=truth
         )
-        reduced, ctx.hist = driver_history_windows(frame, ctx.hist, ctx.displayed, ctx.S, a, b)
+        reduced, ctx.hist = driver_history_windows(frame, ctx.hist, ctx.displayed, ctx.S, a, b, ctx.fresh)
         out.dash_calls.append(reduced)

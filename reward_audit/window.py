@@ -264,7 +264,8 @@ def _unique_rows(w: Window, table: str, key_codes: list[np.ndarray], t: pa.Table
     distinct = sub.drop_duplicates(keys + [f"v{i}" for i in range(len(values))])
     conflict = distinct[distinct.duplicated(keys, keep=False)]
     if len(conflict):
-        first = conflict.groupby(keys, sort=False).head(2).head(2)["row"].to_numpy()
+        one = conflict[(conflict[keys] == conflict[keys].iloc[0]).all(axis=1)]  # the first contradicted key
+        first = one["row"].to_numpy()[:2]
         names = sorted({files[file_of[r]] for r in first})
         raise InvalidDataError(
             f"{' and '.join(names)}: the same {table} row ({_describe(t, first[0])}) twice with different values; "
