@@ -246,9 +246,10 @@ def _findings(run: Run, result: Tally, max_evidence: int, atol: float | None, rt
         findings.append(_unverified(str(phase), kind, "*", n_eps, f"{n_eps} reported episodes have no raw rewards (the tap never saw them), e.g. {example}"))
     findings += _excluded(result)
     findings += _incomplete(result, reported_phases)
-    failures = run.manifest.get("capture_failures") or 0
-    if failures:
-        findings.append(_unverified("run", "run", "capture", 0, f"{failures} capture failures were logged while recording (see the training log, logger `reward_audit`); values they touched may be missing"))
+    failures, driver = run.manifest.get("capture_failures") or 0, run.manifest.get("driver_failures") or 0
+    if failures or driver:
+        where = ", ".join(x for x in (f"{failures} on env runners" if failures else "", f"{driver} on the driver" if driver else "") if x)
+        findings.append(_unverified("run", "run", "capture", 0, f"{plural(failures + driver, 'capture failure')} ({where}) were logged while recording (see the training log, logger `reward_audit`); values they touched may be missing"))
     for phase in sorted(raw_phases - reported_phases):
         why = "no per-episode values from RLlib were captured in this phase; nothing to compare the raw rewards with"
         if run.manifest.get("clip_rewards") not in (None, False):
