@@ -58,6 +58,8 @@ def reward_audit_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.Te
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    from .report import visible
+
     audits = config.stash.get(_AUDITS_KEY, [])
     if not audits:
         return
@@ -65,4 +67,4 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     for nodeid, audit in audits:
         counts = ", ".join(f"{n} {v}" for v, n in sorted(audit.counts().items()))
         state = "ok" if audit.ok else "FAILING"
-        terminalreporter.write_line(f"{nodeid}: {state} ({counts}) — {audit.path}")
+        terminalreporter.write_line(f"{nodeid}: {state} ({counts}) — {visible(audit.path)}")

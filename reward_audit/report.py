@@ -273,6 +273,8 @@ def _markdown_section(audit: Audit, fail_on: Iterable[Verdict] | None, allow_unv
     off = [d for d in audit.dashboard if d.wrong_iterations or d.unreconstructable]
     lines += ["", "### Dashboards", ""]
     lines += [f"- {md_text(d.summary())}" for d in off] or [f"- all {len(audit.dashboard)} recorded series match the truth"]
+    if audit.notes:
+        lines += ["", "### Notes", ""] + [f"- {md_text(n)}" for n in audit.notes]
     lines += ["", "### What the numbers mean", ""] + [f"- {x}" for x in meaning_lines(audit, text=md_text, code=md_code)]
     return lines
 
@@ -319,6 +321,7 @@ def _html_section(audit: Audit, index: int, fail_on: Iterable[Verdict] | None, a
         dash += f"<li>{hidden} more series are off but not plotted (listed above)</li>"
     meaning = "".join(f"<li>{x}</li>" for x in meaning_lines(audit, text=esc, code=lambda s: f"<code>{esc(s)}</code>"))
     unverified = "".join(f"<li>UNVERIFIED: {esc(reason)}</li>" for reason in audit.nothing_verified)
+    notes = "".join(f"<li>{esc(n)}</li>" for n in audit.notes)
     return f"""<section id="run-{index}">
 <h2>{esc(audit.name)}</h2>
 <p>{esc(_header_text(audit))}</p>
@@ -327,6 +330,7 @@ def _html_section(audit: Audit, index: int, fail_on: Iterable[Verdict] | None, a
 <table><tr><th>phase</th><th>kind</th><th>key</th><th>episodes</th><th>truth</th><th>reported</th><th>diff</th><th>verdict</th></tr>{rows}</table>
 <h3>Dashboards: shown vs. truth per iteration</h3>{plots or "<p>No dashboard series were recorded.</p>"}<ul>{dash}</ul>
 <h3>Findings and example episodes</h3>{findings or "<p>None.</p>"}
+{f"<h3>Notes</h3><ul>{notes}</ul>" if notes else ""}
 <h3>What the numbers mean</h3><ul>{meaning}</ul>
 </section>
 """

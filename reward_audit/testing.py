@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 from .audit import FAILURES, Audit, Verdict
 from .compare import compare
-from .report import render_text
+from .report import render_text, visible
 from .store import load_runs
 
 
@@ -60,8 +60,8 @@ def assert_no_leakage(
     ]
     if failing or unverified:
         lines = [f"reward attribution is wrong: {len(failing)} failing finding(s)"] if failing else ["reward attribution could not be checked"]
-        lines += [f"  {f}" for f in failing]
-        lines += [f"  {r} (pass `allow_unverified=True` to accept)" for r in unverified]
+        lines += [f"  {visible(f)}" for f in failing]
+        lines += [f"  {visible(r)} (pass `allow_unverified=True` to accept)" for r in unverified]
         lines.append("")
         lines += [render_text(a, verbose=True, fail_on=wanted, allow_unverified=allow_unverified) for a in audits]
         lines.append("Get the data: `reward_audit.compare(path).episodes` (a DataFrame, one row per episode and key)")

@@ -346,3 +346,16 @@ def test_a_conflicting_copy_is_exit_2_naming_both_files(tmp_path):
     line = result.output.strip()
     assert "\n" not in line and os.path.basename(part) in line and os.path.basename(copy) in line
     assert "twice with different values" in line
+
+
+def test_notes_reach_every_report_format(tmp_path):
+    from reward_audit.report import render_html, render_markdown, render_text
+
+    folder = recorded(tmp_path)
+    part = sorted(glob.glob(f"{folder}/raw_rewards/*.parquet"))[0]
+    shutil.copy(part, part.replace("part-000001", "part-000001-copy"))
+    audit = compare(folder)
+    [note] = [n for n in audit.notes if "appeared twice" in n]
+    assert f"note: {note}" in render_text(audit)
+    assert "### Notes" in render_markdown(audit) and "appeared twice, identical copies" in render_markdown(audit)
+    assert "<h3>Notes</h3>" in render_html(audit) and "appeared twice, identical copies" in render_html(audit)
