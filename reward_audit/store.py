@@ -408,6 +408,14 @@ def _iteration_path(v: Any) -> bool:
 
 
 # What readers rely on, per manifest field (when present): (expected, check).
+def _segment(s: Any) -> bool:
+    """One entry of the manifest's ``segments`` (see ``collector.py``)."""
+    if not isinstance(s, dict) or s.get("reason") not in ("start", "restored", "reopened") or not _int_at_least(1)(s.get("first_iteration")):
+        return False
+    optional = ("last_iteration", "first_training_iteration", "last_training_iteration")
+    return all(_nullable(_int_at_least(0))(s.get(k)) for k in optional)
+
+
 MANIFEST_CHECKS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "api_stack": ("`new` or `old`", lambda v: v in ("new", "old")),
     "metrics_num_episodes_for_smoothing": ("a positive integer or null", _nullable(_int_at_least(1))),
@@ -419,6 +427,8 @@ MANIFEST_CHECKS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "async_metrics": ("true, false or null", lambda v: v in (None, True, False) and type(v) is not int),
     "evaluation_discards_last_call": ("true, false or null", lambda v: v in (None, True, False) and type(v) is not int),
     "capture_failures": ("an integer ≥ 0", _int_at_least(0)),
+    "driver_failures": ("an integer ≥ 0", _int_at_least(0)),
+    "segments": ("a list of segments (`first_iteration` a positive integer, `reason` start / restored / reopened)", lambda v: isinstance(v, list) and all(_segment(s) for s in v)),
     "iteration_semantics": (
         f"an object of path pattern -> one of {', '.join(_ITERATION_SEMANTICS)}",
         lambda v: isinstance(v, dict) and all(s in _ITERATION_SEMANTICS for s in v.values()),

@@ -239,9 +239,9 @@ def test_a_part_with_a_non_utf8_name_is_refused(tmp_path):
 @pytest.mark.parametrize(
     "field, value, expected",
     [
-        ("schema_version", True, "schema version true, this reward_audit reads versions 1, 2"),
-        ("schema_version", "2", 'schema version "2", this reward_audit reads versions 1, 2'),
-        ("schema_version", 2.0, "schema version 2.0, this reward_audit reads versions 1, 2"),
+        ("schema_version", True, "schema version true, this reward_audit reads versions 1, 2, 3"),
+        ("schema_version", "2", 'schema version "2", this reward_audit reads versions 1, 2, 3'),
+        ("schema_version", 2.0, "schema version 2.0, this reward_audit reads versions 1, 2, 3"),
         ("metrics_num_episodes_for_smoothing", -5, "`metrics_num_episodes_for_smoothing` is -5, expected a positive integer or null"),
         ("metrics_num_episodes_for_smoothing", 0, "`metrics_num_episodes_for_smoothing` is 0, expected a positive integer or null"),
         ("metrics_num_episodes_for_smoothing", True, "`metrics_num_episodes_for_smoothing` is true, expected a positive integer or null"),
@@ -251,6 +251,10 @@ def test_a_part_with_a_non_utf8_name_is_refused(tmp_path):
         ("smoothing_model", "ewma", '`smoothing_model` is "ewma", expected `per_call_window`, `driver_history` or null'),
         ("async_metrics", "false", '`async_metrics` is "false", expected true, false or null'),
         ("capture_failures", "3", '`capture_failures` is "3", expected an integer ≥ 0'),
+        ("driver_failures", -1, "`driver_failures` is -1, expected an integer ≥ 0"),
+        ("segments", "restored", '`segments` is "restored", expected a list of segments'),
+        ("segments", [{"first_iteration": 0, "reason": "start"}], "expected a list of segments (`first_iteration` a positive integer"),
+        ("segments", [{"first_iteration": 1, "reason": "rebooted"}], "reason` start / restored / reopened)"),
         ("iteration_semantics", {"env_runners/episode_return_mean": "median"}, '"median"}, expected an object of path pattern -> one of mean_of_episode_sums,'),
         ("iteration_paths", [["env_runners/episode_return_mean", "team", "mean_of_episode_sums"]], "..., expected a list of [pattern, kind (agent, module, policy, episode), semantics"),
     ],
