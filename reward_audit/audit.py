@@ -67,7 +67,7 @@ _DATA = {
     Verdict.DROP: _VerdictData(True, 1, "the reported value misses rewards of its own agents", "#b00020"),
     Verdict.MISMATCH: _VerdictData(True, 2, "disagrees, and no combination of agents' rewards explains it (or one that adds some agents' rewards and misses others'; or a non-finite value)", "#b00020"),
     Verdict.UNVERIFIED: _VerdictData(False, 3, "not enough data to judge this key; the message says why (a run or phase where nothing at all could be verified fails)", "#8a6d00"),
-    Verdict.INCOMPLETE: _VerdictData(False, 4, "episodes with raw rewards but no report (cut by a reset, unfinished at the end)", "#8a6d00"),
+    Verdict.INCOMPLETE: _VerdictData(False, 4, "episodes with raw rewards but no report (cut by a reset, unfinished at the end), or rows lost on the way to the run folder (a crashed runner, a lost hand-over, a deleted part, a full buffer): named, never judged", "#8a6d00"),
     Verdict.EXCLUDED: _VerdictData(False, 5, "rewards paid before / with an agent's first observation, which RLlib by design never counts (shown with amounts)", "#8a6d00"),
     Verdict.CLEAN: _VerdictData(False, 6, "every checked episode agrees (float rounding only)", "#1b7f3b"),
 }
