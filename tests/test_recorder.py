@@ -238,3 +238,28 @@ def test_sums_are_compensated_and_record_what_bounds_their_rounding():
     assert sum(rewards) != 0.875 and row["reward"] == 0.875  # exact: 0.25 + 0.5 + 0.125
     assert row["n_rewards"] == 5 and row["reward_bits"] == 24  # one float32 reward
     assert row["reward_cancel"] >= 2e17 and (row["reward_cancel"] - 2e17) / 2e17 < 1e-6  # Σ|r| - |Σr|, rounded up
+
+
+def test_importing_the_recorder_loads_no_pandas_audit_or_report():
+    # What an env runner imports (issue 9): the recorder and the capture adapters' base,
+    # never the audit, the renderers or pandas.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, reward_audit.recorder, reward_audit.capture.base\n"
+        "loaded = [m for m in ('pandas', 'reward_audit.compare', 'reward_audit.tally', 'reward_audit.report', 'reward_audit.store') if m in sys.modules]\n"
+        "print(','.join(loaded))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == ""
+
+
+def test_the_package_names_resolve_lazily():
+    import importlib
+
+    import reward_audit
+
+    module = importlib.import_module("reward_audit.compare")  # binding the submodule must not shadow the function
+    assert callable(reward_audit.compare) and reward_audit.compare is module.compare
+    assert reward_audit.Verdict.LEAK.value == "LEAK"
