@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 # public name -> submodule that defines it
 _EXPORTS = {
     "RewardAuditCallback": "callback",
+    "add_to": "callback",
     "load_run": "store",
     "load_runs": "store",
     "Run": "store",

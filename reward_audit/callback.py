@@ -17,7 +17,10 @@ import functools
 import logging
 from typing import Any, Callable
 
-from ray.rllib.algorithms.callbacks import DefaultCallbacks
+try:  # Ray 2.40+: the callback base class of both API stacks
+    from ray.rllib.callbacks.callbacks import RLlibCallback as _Base
+except ImportError:  # Ray 2.1x
+    from ray.rllib.algorithms.callbacks import DefaultCallbacks as _Base
 
 from .capture import detect
 from .capture.base import RECORDER_ATTR, Adapter, drain_runner, runner_in
@@ -29,30 +32,35 @@ logger = logging.getLogger("reward_audit")
 
 
 def _never_raise(hook: Callable) -> Callable:
+    """Our part of a hook never raises into training; then the next class's hook in the MRO
+    runs (``super()``), so ``class Mine(RewardAuditCallback, TheirCallback)`` keeps theirs."""
+
     @functools.wraps(hook)
     def guarded(self: "RewardAuditCallback", *args: Any, **kwargs: Any) -> None:
-        if self._disabled:
-            return
-        try:
-            hook(self, *args, **kwargs)
-        except Exception:
-            runner = runner_in(kwargs)
-            recorder = getattr(runner, RECORDER_ATTR, None) if runner is not None else None
-            if recorder is not None:
-                recorder.failures += 1
-            else:
-                self._failures += 1
-                try:
-                    if self._collector is not None:
-                        self._collector.failed()
-                except Exception:
-                    pass
-            logger.exception("reward_audit: %s failed; training continues but this run's audit may be incomplete", hook.__name__)
+        if not self._disabled:
+            try:
+                hook(self, *args, **kwargs)
+            except Exception:
+                runner = runner_in(kwargs)
+                recorder = getattr(runner, RECORDER_ATTR, None) if runner is not None else None
+                if recorder is not None:
+                    recorder.failures += 1
+                else:
+                    self._failures += 1
+                    try:
+                        if self._collector is not None:
+                            self._collector.failed()
+                    except Exception:
+                        pass
+                logger.exception("reward_audit: %s failed; training continues but this run's audit may be incomplete", hook.__name__)
+        parent = getattr(super(RewardAuditCallback, self), hook.__name__, None)
+        if parent is not None:
+            parent(*args, **kwargs)
 
     return guarded
 
 
-class RewardAuditCallback(DefaultCallbacks):
+class RewardAuditCallback(_Base):
     """Records the env's raw per-agent rewards and RLlib's reported returns to Parquet.
 
     After training, ``reward-audit compare <trial dir>`` prints, per phase, module and agent::
@@ -183,3 +191,17 @@ class RewardAuditCallback(DefaultCallbacks):
         adapter, recorder = self._runner_recorder(kwargs)
         if recorder is not None:
             adapter.sample_ends(recorder)
+
+
+def add_to(config: Any, output: str | None = None, *, inject_fault: str | None = None) -> Any:
+    """``config`` with the audit added to the callbacks it already has (never replacing
+    them, never added twice): the list form on the new stack (Ray 2.40+), else
+    ``make_multi_callbacks``. ``output`` / ``inject_fault`` as in ``configured``.
+
+        config = reward_audit.add_to(PPOConfig().environment(...).callbacks(MyCallback))
+    """
+    from .capture import with_audit_callback
+
+    callback = RewardAuditCallback if output is None and inject_fault is None else RewardAuditCallback.configured(output, inject_fault=inject_fault)
+    return with_audit_callback(config, callback)
+

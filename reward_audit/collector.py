@@ -34,6 +34,7 @@ import uuid
 from typing import Any, Iterable
 
 from .capture.base import Adapter, drain_runner
+from .live import LiveAudit
 from .schema import AUDIT_DIR_NAME, Phase
 from .store import RunWriter, resolve_filesystem
 
@@ -104,6 +105,7 @@ class Collector:
         self.training_iteration = first_training - 1
         manifest["segments"] = segments
         self.manifest = manifest
+        self.live = LiveAudit(manifest, self.location)
         self._save_manifest()
         logger.info("reward_audit: recording to %s (%s)", self.location, source)
 
@@ -148,6 +150,11 @@ class Collector:
             ]
             for r in results:  # each runner reports its cumulative count
                 self.runner_failures[r["runner_id"]] = r.get("failures", 0)
+            try:
+                self.live.add(raw, reported, iteration)
+            except Exception:
+                self.driver_failures += 1
+                logger.exception("reward_audit: the live audit failed on iteration %d; the run's data is still written", iteration)
             tag = f"{iteration:06d}-{phase.value}"
             with self.lock:
                 self.queue += [("raw_rewards", raw, tag), ("reported_episodes", reported, tag), ("drains", drains, tag)]
@@ -156,10 +163,14 @@ class Collector:
         return written
 
     def record_result(self, result: dict, iteration: int) -> None:
+        """Write the dashboard numbers of this ``train()`` result, and put the live audit
+        into it (``result["reward_audit"]``, see ``live.py``): RLlib logs the result after
+        this hook, so Tune, TensorBoard, W&B and MLflow get it."""
         rows = self.adapter.iteration_rows(result, iteration)
         with self.lock:
             self.queue.append(("reported_iterations", rows, f"{iteration:06d}"))
             self._flush()
+        result["reward_audit"] = self.live.result(rows)
 
     def failed(self) -> None:
         """A driver hook failed: count it in the manifest (best effort)."""

@@ -35,6 +35,7 @@ import pyarrow as pa
 
 from .dashboard import driver_history_windows, per_call_windows
 from .store import Run
+from .recorder import rounding_bound
 from .window import AGENT, EPISODE, KINDS, MODULE, OTHER, POLICY, KeyMap, LeftOut, Window, factorize, read_window
 
 Progress = Callable[[str, float], None]
@@ -218,7 +219,7 @@ def _truth(w: Window) -> None:
     w.g_bits = np.full(G, 53, np.int64)
     if (w.r_bits != 53).any():
         np.minimum.at(w.g_bits, g, w.r_bits)
-    w.g_bound = _bound(w.g_n, w.g_abs, w.g_bits, w.g_unknown, w.ep_chunks[w.g_eid], np.ones(G))
+    w.g_bound = rounding_bound(w.g_n, w.g_abs, w.g_bits, w.g_unknown, w.ep_chunks[w.g_eid], np.ones(G))
     w.g_pre = np.bincount(g, weights=w.pre, minlength=G)
     w.g_npre = np.bincount(g, weights=w.npre, minlength=G).astype(np.int64)
     w.g_final = np.bincount(g, weights=np.where(w.chunk == ep_max[w.r_eid], counted_row, 0.0), minlength=G)
@@ -289,21 +290,12 @@ def _close(w: Window, last: bool, check_late: bool, ctx: _Context) -> pa.Table |
 _U64 = 2.0**-53
 
 
-def _bound(n: np.ndarray, abs_sum: np.ndarray, bits: np.ndarray, unknown: np.ndarray, chunks: np.ndarray, agents: np.ndarray) -> np.ndarray:
-    """The rounding bound of a sum of these rewards done RLlib's way (``_tolerance``), less
-    the part that depends on the truth; NaN where Σ|r| is unknown."""
-    m = n + 2 * (chunks + agents) + 4
-    out = 1.01 * m * np.exp2(-bits.astype(np.float64)) * abs_sum
-    out[unknown] = np.nan
-    return out
-
-
 def _combine(w: Window, group: np.ndarray, sel: np.ndarray, n: int, chunks: np.ndarray) -> np.ndarray:
     """The bound of the summed value of several agents' groups (a module's, an episode's)."""
     bits = np.full(n, 53, np.int64)
     if (w.g_bits[sel] != 53).any():
         np.minimum.at(bits, group, w.g_bits[sel])
-    return _bound(
+    return rounding_bound(
         np.bincount(group, weights=w.g_n[sel], minlength=n),
         np.bincount(group, weights=w.g_abs[sel], minlength=n),
         bits,

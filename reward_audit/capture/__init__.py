@@ -79,6 +79,9 @@ def with_audit_callback(config: Any, callback: type) -> Any:
     existing = getattr(config, "callbacks_class", None)
     if existing is None or existing is DefaultCallbacks:
         return config.callbacks(callback)
+    present = existing if isinstance(existing, (list, tuple)) else [existing]
+    if any(isinstance(c, type) and issubclass(c, _audit_class()) for c in present):
+        return config  # already recording: never twice
     if isinstance(existing, (list, tuple)):  # new stack on Ray >= 2.40 takes a list
         return config.callbacks(callbacks_class=[*existing, callback])
     if uses_new_stack(config) and _version_tuple(__import__("ray").__version__) >= (2, 40):
@@ -86,6 +89,12 @@ def with_audit_callback(config: Any, callback: type) -> Any:
     from ray.rllib.algorithms.callbacks import make_multi_callbacks
 
     return config.callbacks(make_multi_callbacks([existing, callback]))
+
+
+def _audit_class() -> type:
+    from ..callback import RewardAuditCallback
+
+    return RewardAuditCallback
 
 
 __all__ = ["Adapter", "detect", "uses_new_stack", "with_audit_callback"]
