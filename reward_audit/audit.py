@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import enum
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import pandas as pd
+
+from .schema import Kind, Phase
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,7 @@ class Evidence:
         return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Finding:
     """The verdict for one (phase, kind, key): e.g. (train, module, "p0")."""
 
@@ -123,6 +126,11 @@ class Finding:
 
     def __str__(self) -> str:
         return f"{self.phase} {self.kind} {self.key}: {self.verdict.value} — {self.message}"
+
+    def __repr__(self) -> str:
+        """One line; the message, counts and evidence are in ``str()`` / ``to_dict()``."""
+        numbers = "".join(f", {name} {_short(getattr(self, name))}" for name in ("truth", "reported", "difference") if getattr(self, name) is not None)
+        return f"<Finding {self.phase} {self.kind} {self.key!r}: {self.verdict.value}, {plural(self.episodes, 'episode')}{numbers}, {plural(len(self.evidence), 'evidence row')}>"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -150,7 +158,135 @@ def _json_number(x: float | None) -> float | None:
     return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else float(x)
 
 
-@dataclass(frozen=True, eq=False)
+def _short(x: float) -> str:
+    return f"{x + 0.0:.6g}"
+
+
+# --------------------------------------------------------------------------- what fails
+
+PHASES = tuple(p.value for p in Phase)
+KINDS = tuple(k.value for k in Kind)
+_PHASE_REASON = re.compile(r"nothing verified in phase (\S+?):")
+
+
+def parse_allow(entry: str) -> tuple[str | None, str, str]:
+    """``"phase:kind:key"`` or ``"kind:key"`` -> ``(phase or None, kind, key)``. A key may
+    hold colons: the first field is a phase only when it names one (phases and kinds are
+    disjoint), so ``"module:a:b"`` is module ``a:b`` in every phase."""
+    parts = entry.split(":", 2)
+    if len(parts) == 3 and parts[0] in PHASES and parts[1] in KINDS and parts[2]:
+        return parts[0], parts[1], parts[2]
+    kind, _, key = entry.partition(":")
+    if kind in KINDS and key:
+        return None, kind, key
+    raise ValueError(
+        f"{entry!r}: an allowed finding is `kind:key` or `phase:kind:key`, e.g. `module:frozen_snapshot` or "
+        f"`train:policy:p1` (kinds: {', '.join(KINDS)}; phases: {', '.join(PHASES)})"
+    )
+
+
+def _names(entry: tuple[str | None, str, str], finding: Finding) -> bool:
+    phase, kind, key = entry
+    return (phase is None or phase == finding.phase) and (kind, key) == (finding.kind, finding.key)
+
+
+def _reason_phase(reason: str) -> str | None:
+    """The phase a ``nothing_verified`` reason is about; ``None``: the whole run."""
+    m = _PHASE_REASON.match(reason)
+    return m.group(1) if m else None
+
+
+@dataclass(frozen=True)
+class Unverified:
+    """A run or phase in which nothing could be verified, and whether it fails under a ``Criteria``."""
+
+    reason: str
+    phase: str | None  # None: the whole run
+    failing: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"phase": self.phase, "reason": self.reason, "failing": self.failing}
+
+
+@dataclass(frozen=True)
+class Criteria:
+    """What makes an audit fail. One object decides the CLI's exit code and its ``--fail-on``,
+    ``--allow``, ``--phase``, ``--allow-unverified``, ``assert_no_leakage(fail_on=, allow=,
+    phases=, allow_unverified=)``, the ``ok`` / ``failing`` fields of the JSON and the
+    summary line of every rendering — so they always agree.
+
+    * A finding fails when its verdict is in ``fail_on``, its phase is checked (``phases``;
+      ``None``: every phase) and no ``allow`` entry (``"kind:key"`` or
+      ``"phase:kind:key"``) names it.
+    * Fail closed: a run, or a checked phase, where nothing could be verified fails unless
+      ``allow_unverified`` — including a phase asked for in ``phases`` that the run has no
+      finding in (``phases=["evaluation"]`` on a run without evaluation checks nothing).
+
+        >>> Criteria(allow=["module:frozen"], phases=["train"]).passes(audit)
+    """
+
+    fail_on: frozenset[Verdict] = FAILURES
+    allow: tuple[str, ...] = ()
+    phases: tuple[str, ...] | None = None
+    allow_unverified: bool = False
+
+    def __post_init__(self) -> None:  # accept any iterables and verdict names in any case
+        allow = (self.allow,) if isinstance(self.allow, str) else tuple(self.allow)
+        phases = None if self.phases is None else ((self.phases,) if isinstance(self.phases, str) else tuple(self.phases))
+        for phase in phases or ():
+            if phase not in PHASES:
+                raise ValueError(f"{phase!r}: not a phase; use one of {', '.join(PHASES)}")
+        object.__setattr__(self, "fail_on", frozenset(Verdict(v.upper()) if isinstance(v, str) else Verdict(v) for v in self.fail_on))
+        object.__setattr__(self, "allow", allow)
+        object.__setattr__(self, "phases", phases)
+        object.__setattr__(self, "_allowed", tuple(parse_allow(a) for a in allow))
+
+    def checks(self, phase: str) -> bool:
+        return self.phases is None or phase in self.phases
+
+    def allows(self, finding: Finding) -> bool:
+        return any(_names(entry, finding) for entry in self._allowed)
+
+    def fails(self, finding: Finding) -> bool:
+        return finding.verdict in self.fail_on and self.checks(finding.phase) and not self.allows(finding)
+
+    def failing(self, audit: Audit) -> list[Finding]:
+        return [f for f in audit.findings if self.fails(f)]
+
+    def ignored(self, audit: Audit) -> list[Finding]:
+        """Findings with a failing verdict that do not fail: allowed, or outside ``phases``."""
+        return [f for f in audit.findings if f.verdict in self.fail_on and not self.fails(f)]
+
+    def unverified(self, audit: Audit) -> list[Unverified]:
+        """Every reason nothing could be verified (the run's own, and a checked phase the run
+        has no finding in), each with whether it fails."""
+        out = [Unverified(r, p, not self.allow_unverified and (p is None or self.checks(p))) for r in audit.nothing_verified for p in [_reason_phase(r)]]
+        if audit.findings or not audit.nothing_verified:  # an empty run already says so, once
+            seen = {f.phase for f in audit.findings} | {u.phase for u in out}
+            for phase in self.phases or ():
+                if phase not in seen:
+                    why = f"nothing verified in phase {phase}: the run recorded nothing in this phase, and the check was limited to it"
+                    out.append(Unverified(why, phase, not self.allow_unverified))
+        return out
+
+    def passes(self, audit: Audit) -> bool:
+        return not self.failing(audit) and not any(u.failing for u in self.unverified(audit))
+
+    def unused_allow(self, audits: Iterable[Audit]) -> list[str]:
+        """``allow`` entries that name no finding of ``audits`` (a typo, or a fixed bug)."""
+        findings = [f for a in audits for f in a.findings]
+        return [text for text, entry in zip(self.allow, self._allowed) if not any(_names(entry, f) for f in findings)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "fail_on": sorted(v.value for v in self.fail_on),
+            "allow": list(self.allow),
+            "phases": None if self.phases is None else list(self.phases),
+            "allow_unverified": self.allow_unverified,
+        }
+
+
+@dataclass(frozen=True, eq=False, repr=False)
 class Audit:
     """The result of ``compare``: every finding, the rebuilt dashboards, and (read on
     demand, for small runs) the per-episode comparison table ``episodes``."""
@@ -183,9 +319,12 @@ class Audit:
     def warnings(self) -> list[Finding]:
         return [f for f in self.findings if f.verdict.warning]
 
-    def passes(self, fail_on: Iterable[Verdict | str] = FAILURES, *, allow_unverified: bool = False) -> bool:
-        """No failing finding, and (unless ``allow_unverified``) something was verified."""
-        return not self.failures(fail_on) and (allow_unverified or not self.nothing_verified)
+    def passes(
+        self, fail_on: Iterable[Verdict | str] = FAILURES, *, allow_unverified: bool = False, allow: Iterable[str] = (), phases: Iterable[str] | None = None
+    ) -> bool:
+        """No failing finding, and (unless ``allow_unverified``) something was verified; see
+        ``Criteria`` for ``allow`` and ``phases``."""
+        return Criteria(fail_on=fail_on, allow=allow, phases=phases, allow_unverified=allow_unverified).passes(self)
 
     @property
     def ok(self) -> bool:
@@ -193,16 +332,39 @@ class Audit:
         return self.passes()
 
     def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for f in self.findings:
-            out[f.verdict.value] = out.get(f.verdict.value, 0) + 1
-        return out
+        """Findings per verdict, in the enum's order (CLEAN first)."""
+        verdicts = [f.verdict for f in self.findings]
+        return {v.value: verdicts.count(v) for v in Verdict if v in verdicts}
 
     def to_frame(self) -> pd.DataFrame:
         rows = [{k: v for k, v in f.to_dict().items() if k != "evidence"} for f in self.findings]
         return pd.DataFrame(rows, columns=["phase", "kind", "key", "verdict", "episodes", "truth", "reported", "difference", "message", "counts"])
 
-    def to_dict(self) -> dict[str, Any]:
+    def dashboard_frame(self) -> pd.DataFrame:
+        """Every rebuilt dashboard series in one long table, one row per (series, iteration):
+
+        ``phase, path, kind, key, iteration, displayed`` (what RLlib showed), ``rebuilt``
+        (RLlib's own per-episode values through the window model: proves the model),
+        ``expected`` (the truth through the same window), ``low, high`` (the truth's range
+        over the iteration's episodes), ``difference`` (displayed − expected), ``model_ok``,
+        ``agrees`` and ``status``: ``match``, ``off`` (the dashboard was wrong) or
+        ``bounded`` (the model could not rebuild RLlib's number; only ``low..high`` holds).
+        """
+        columns = ["phase", "path", "kind", "key", "iteration", "displayed", "rebuilt", "expected", "low", "high", "difference", "model_ok", "agrees", "status"]
+        frames = [d.table.assign(phase=d.phase, path=d.path, kind=d.kind, key=d.key) for d in self.dashboard]
+        if not frames:
+            return pd.DataFrame(columns=columns)
+        out = pd.concat(frames, ignore_index=True)
+        out["status"] = "match"
+        out.loc[out["model_ok"] & ~out["agrees"], "status"] = "off"
+        out.loc[~out["model_ok"], "status"] = "bounded"
+        return out[columns]
+
+    def to_dict(self, criteria: Criteria | None = None) -> dict[str, Any]:
+        """JSON-safe: the run's object in ``reward-audit compare --format json`` (its
+        ``runs`` list). ``ok`` and each finding's ``failing`` follow ``criteria`` (default:
+        fail on LEAK / DROP / MISMATCH, and when nothing could be verified)."""
+        criteria = criteria or Criteria()
         m = self.manifest
         return {
             "run": self.path,
@@ -210,17 +372,18 @@ class Audit:
             "ray_version": m.get("ray_version"),
             "api_stack": m.get("api_stack"),
             "adapter": m.get("adapter"),
-            "ok": self.ok,
-            "nothing_verified": list(self.nothing_verified),
+            "injected_fault": m.get("injected_fault"),
+            "ok": criteria.passes(self),
             "counts": self.counts(),
-            "findings": [f.to_dict() for f in self.findings],
-            "notes": list(self.notes),
-            "dashboard": [
+            "findings": [{**f.to_dict(), "failing": criteria.fails(f)} for f in self.findings],
+            "nothing_verified": [u.to_dict() for u in criteria.unverified(self)],
+            "dashboards": [
                 {
                     "phase": d.phase,
                     "path": d.path,
                     "kind": d.kind,
                     "key": d.key,
+                    "iterations": len(d.table),
                     "wrong_iterations": d.wrong_iterations,
                     "first_wrong": d.first_wrong,
                     "unreconstructable_iterations": d.unreconstructable,
@@ -228,4 +391,18 @@ class Audit:
                 }
                 for d in self.dashboard
             ],
+            "notes": list(self.notes),
         }
+
+    # ----------------------------------------------------------------------- notebooks
+
+    def __repr__(self) -> str:
+        """One line: ``<Audit PPO_trial_0: 5 CLEAN, 4 LEAK — ok=False>``."""
+        counts = ", ".join(f"{n} {v}" for v, n in self.counts().items())
+        return f"<Audit {self.name!r}: {counts or 'no findings'}{', nothing verified' if self.nothing_verified else ''} — ok={self.ok}>"
+
+    def _repr_html_(self) -> str:
+        """Jupyter: the report's section for this run, without plots (``render_html`` has them)."""
+        from .report import html_fragment
+
+        return html_fragment(self)

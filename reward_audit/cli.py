@@ -2,6 +2,11 @@
 
 Exit codes: 0 no failing verdict, 1 a failing verdict (LEAK / DROP / MISMATCH by default;
 ``--fail-on``), 2 unusable input (one line on stderr naming the path and the fix).
+
+Every command that audits takes the same flags: what fails (``check_options``: one
+``audit.Criteria``, the object ``assert_no_leakage`` uses too) and the output
+(``--format text|json|md|html``, one ``report.render`` for all). The exit code is 0
+exactly when the JSON document's ``ok`` is true.
 """
 
 from __future__ import annotations
@@ -16,10 +21,10 @@ from typing import Any, Callable
 
 import click
 
-from .audit import FAILURES, Verdict
+from .audit import FAILURES, PHASES, Criteria, Verdict, parse_allow
 from .compare import compare
 from .errors import RewardAuditError
-from .report import render_json, render_text, visible
+from .report import FORMATS, render, visible
 from .store import find_runs, load_runs
 
 EXIT_OK, EXIT_FINDINGS, EXIT_BAD_INPUT = 0, 1, 2
@@ -35,32 +40,64 @@ def _parse_fail_on(ctx: click.Context, param: click.Parameter, value: str) -> fr
         raise click.BadParameter(f"{value!r}: use a comma-separated list of {', '.join(v.value.lower() for v in Verdict)}")
 
 
-_allow_unverified = click.option(
-    "--allow-unverified",
-    is_flag=True,
-    help="Exit 0 even when nothing could be verified in a run or phase (by default that fails: a CLEAN must mean checked and equal).",
-)
-_fail_on = click.option(
-    "--fail-on",
-    default=",".join(sorted(v.value.lower() for v in FAILURES)),
-    show_default=True,
-    callback=_parse_fail_on,
-    help="Verdicts that make the exit code 1 (e.g. `leak,drop,mismatch,excluded`).",
-)
+def _parse_allow(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    for entry in value:
+        try:
+            parse_allow(entry)
+        except ValueError as e:
+            raise click.BadParameter(str(e))
+    return value
 
 
-def audit_options(fn: Callable) -> Callable:
-    """Flags shared by every command that audits a run and prints it."""
-    fn = click.option("--json", "as_json", is_flag=True, help="Print one JSON document (a list of verdict objects) instead of the table.")(fn)
-    fn = _allow_unverified(fn)
-    fn = click.option("--verbose", "-v", is_flag=True, help="Show the episodes (ids, truth, reported, attribution) behind each finding.")(fn)
-    return tolerance_options(_fail_on(fn))
+def check_options(fn: Callable) -> Callable:
+    """What makes the exit code 1, shared by every command that audits: ``--fail-on``,
+    ``--allow``, ``--phase``, ``--allow-unverified`` (given to the command as one
+    ``criteria``, an ``audit.Criteria``) and the tolerances ``--atol`` / ``--rtol``."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, fail_on: frozenset[Verdict], allow: tuple[str, ...], phases: tuple[str, ...], allow_unverified: bool, **kwargs: Any) -> Any:
+        return fn(*args, criteria=Criteria(fail_on=fail_on, allow=allow, phases=phases or None, allow_unverified=allow_unverified), **kwargs)
+
+    wrapper = click.option(
+        "--allow-unverified",
+        is_flag=True,
+        help="Exit 0 even when nothing could be verified in a run or checked phase (by default that fails: a CLEAN must mean checked and equal).",
+    )(wrapper)
+    wrapper = click.option(
+        "--phase", "phases", multiple=True, type=click.Choice(PHASES),
+        help="Check only this phase (repeatable); other phases are shown but never fail. A phase the run has nothing in fails as unverified.",
+    )(wrapper)
+    wrapper = click.option(
+        "--allow", multiple=True, callback=_parse_allow, metavar="[PHASE:]KIND:KEY",
+        help="A finding that does not fail (repeatable), e.g. `--allow module:frozen_snapshot` or `--allow train:policy:p1`; as `assert_no_leakage(allow=...)`.",
+    )(wrapper)
+    wrapper = click.option(
+        "--fail-on",
+        default=",".join(sorted(v.value.lower() for v in FAILURES)),
+        show_default=True,
+        callback=_parse_fail_on,
+        help="Verdicts that make the exit code 1 (e.g. `leak,drop,mismatch,excluded`).",
+    )(wrapper)
+    return tolerance_options(wrapper)
 
 
-def exit_options(fn: Callable) -> Callable:
-    """``--fail-on`` / ``--allow-unverified`` (what exit code 1 means) and the tolerances,
-    for a command that audits a run without printing it (``report``)."""
-    return tolerance_options(_fail_on(_allow_unverified(fn)))
+def output_options(fn: Callable) -> Callable:
+    """``--format`` / ``--json`` / ``--verbose`` for a command that prints its audit; the
+    command receives ``fmt`` (one of ``report.FORMATS``) and ``verbose``."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, fmt: str | None, as_json: bool, **kwargs: Any) -> Any:
+        if as_json and fmt not in (None, "json"):
+            raise click.UsageError(f"`--json` means `--format json`; pass one of `--json` and `--format {fmt}`")
+        return fn(*args, fmt="json" if as_json else fmt or "text", **kwargs)
+
+    wrapper = click.option("--verbose", "-v", is_flag=True, help="Show the episodes (ids, truth, reported, attribution) behind each finding (text format).")(wrapper)
+    wrapper = click.option("--json", "as_json", is_flag=True, help="Same as `--format json`.")(wrapper)
+    wrapper = click.option(
+        "--format", "fmt", type=click.Choice(FORMATS), default=None,
+        help="text (default): the table; json: one JSON document (`ok`, counts, a `failing` flag per finding); md / html: the report, on stdout.",
+    )(wrapper)
+    return wrapper
 
 
 def _tolerance(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
@@ -131,13 +168,16 @@ def audit_all(path: str, atol: float | None, rtol: float | None, progress: bool 
     return audits
 
 
-def _audit_and_print(path: str, as_json: bool, verbose: bool, fail_on: frozenset[Verdict], atol: float | None, rtol: float | None, allow_unverified: bool) -> int:
-    audits = audit_all(path, atol, rtol, progress=not as_json)
-    if as_json:
-        click.echo(render_json(audits, fail_on=fail_on, allow_unverified=allow_unverified))
-    else:
-        click.echo("\n\n".join(render_text(a, verbose=verbose, fail_on=fail_on, allow_unverified=allow_unverified) for a in audits))
-    return EXIT_OK if all(a.passes(fail_on, allow_unverified=allow_unverified) for a in audits) else EXIT_FINDINGS
+def _warn_unused_allow(criteria: Criteria, audits: list) -> None:
+    for entry in criteria.unused_allow(audits):
+        click.echo(f"warning: `--allow {visible(entry)}` names no finding (a typo, or a bug fixed since?)", err=True)
+
+
+def _audit_and_print(path: str, fmt: str, verbose: bool, criteria: Criteria, atol: float | None, rtol: float | None) -> int:
+    audits = audit_all(path, atol, rtol, progress=fmt == "text")
+    _warn_unused_allow(criteria, audits)
+    click.echo(render(fmt, audits, criteria=criteria, verbose=verbose), nl=False)
+    return EXIT_OK if all(criteria.passes(a) for a in audits) else EXIT_FINDINGS
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -153,16 +193,17 @@ def main() -> None:
 
 @main.command("compare")
 @click.argument("path")
-@audit_options
+@output_options
+@check_options
 @_one_line_errors
-def compare_cmd(path: str, as_json: bool, verbose: bool, fail_on: frozenset[Verdict], atol: float | None, rtol: float | None, allow_unverified: bool) -> None:
+def compare_cmd(path: str, fmt: str, verbose: bool, criteria: Criteria, atol: float | None, rtol: float | None) -> None:
     """Reconcile the env's raw rewards with RLlib's reported returns.
 
     PATH is an audit folder, a trial dir that holds one, or a Tune experiment dir (each
     trial is audited). Exit 0: no failing verdict; 1: a failing verdict, or nothing could be
     verified (`--allow-unverified` to accept that); 2: bad input.
     """
-    sys.exit(_audit_and_print(path, as_json, verbose, fail_on, atol, rtol, allow_unverified))
+    sys.exit(_audit_and_print(path, fmt, verbose, criteria, atol, rtol))
 
 
 @main.command("report")
@@ -173,10 +214,13 @@ def compare_cmd(path: str, as_json: bool, verbose: bool, fail_on: frozenset[Verd
     "Never an existing file (unless --force), a symlink, or a path inside an audited `reward_audit/` folder.",
 )
 @click.option("--force", is_flag=True, help="Overwrite the output file if it exists (it is replaced atomically).")
-@click.option("--format", "fmt", type=click.Choice(["html", "md"]), default="html", show_default=True, help="Self-contained HTML with plots, or Markdown for an issue tracker.")
-@exit_options
+@click.option(
+    "--format", "fmt", type=click.Choice(FORMATS), default="html", show_default=True,
+    help="Self-contained HTML with plots (tables only without matplotlib), Markdown for an issue tracker, or compare's text (with the evidence) / JSON.",
+)
+@check_options
 @_one_line_errors
-def report_cmd(path: str, output: str | None, force: bool, fmt: str, fail_on: frozenset[Verdict], allow_unverified: bool, atol: float | None, rtol: float | None) -> None:
+def report_cmd(path: str, output: str | None, force: bool, fmt: str, criteria: Criteria, atol: float | None, rtol: float | None) -> None:
     """Write a report: verdicts, attribution, example episodes, and per module the
     dashboard value vs. the truth over iterations (plots). Several trials (a Tune
     experiment dir) give one document with a section per trial.
@@ -185,21 +229,22 @@ def report_cmd(path: str, output: str | None, force: bool, fmt: str, fail_on: fr
     nothing could be verified (`--allow-unverified`); 2 bad input or an output path it
     refuses. The file is written in UTF-8 whatever the locale, all at once (a temporary
     file renamed into place)."""
-    from .report import render_html, render_markdown
-
-    output = output or f"report.{fmt}"
+    output = output or f"report.{_EXTENSIONS[fmt]}"
     if output != "-":
         _check_output(output, path, force)
-    audits = audit_all(path, atol, rtol)
-    render = render_html if fmt == "html" else render_markdown
-    text = render(audits, fail_on=fail_on, allow_unverified=allow_unverified)
-    failing = sum(len(a.failures(fail_on)) for a in audits)
+    audits = audit_all(path, atol, rtol, progress=output != "-")
+    _warn_unused_allow(criteria, audits)
+    text = render(fmt, audits, criteria=criteria, verbose=True)
+    failing = sum(len(criteria.failing(a)) for a in audits)
     if output == "-":
         click.echo(text, nl=False)
     else:
         _write_atomically(output, text)
         click.echo(f"wrote {visible(output)} ({len(audits)} run{'s' if len(audits) > 1 else ''}, {failing} failing findings)")
-    sys.exit(EXIT_OK if all(a.passes(fail_on, allow_unverified=allow_unverified) for a in audits) else EXIT_FINDINGS)
+    sys.exit(EXIT_OK if all(criteria.passes(a) for a in audits) else EXIT_FINDINGS)
+
+
+_EXTENSIONS = {"html": "html", "md": "md", "text": "txt", "json": "json"}
 
 
 def _check_output(output: str, path: str, force: bool) -> None:
@@ -245,19 +290,20 @@ def _write_atomically(output: str, text: str) -> None:
     default=None,
     help="Self-test: corrupt RLlib's per-episode metrics like Ray 2.12 (leak) or 2.53 (drop) did; the audit must catch it.",
 )
-@audit_options
+@output_options
+@check_options
 @_one_line_errors
-def demo_cmd(iterations: int, out: str | None, inject: str | None, as_json: bool, verbose: bool, fail_on: frozenset[Verdict], atol: float | None, rtol: float | None, allow_unverified: bool) -> None:
-    """Train a tiny multi-agent PPO run with the callback, then compare it."""
+def demo_cmd(iterations: int, out: str | None, inject: str | None, fmt: str, verbose: bool, criteria: Criteria, atol: float | None, rtol: float | None) -> None:
+    """Train a tiny multi-agent PPO run with the callback, then compare it (the same output
+    and exit codes as `compare`; with `--format json|md|html` the progress line goes to stderr)."""
     from .demo import run_demo
 
     out = out or tempfile.mkdtemp(prefix="reward_audit_demo_")
-    if not as_json:
-        layout = "agents 0, 1, 2 paid 1, 10, 100 per step, one shared module" if inject == "drop" else "agents 0, 1 paid 1 and 10 per step"
-        fault = f", INJECTING fault {inject!r}" if inject else ""
-        click.echo(f"training {iterations} PPO iterations on ScaledRewardsEnv ({layout}){fault}, recording to {out} ...")
+    layout = "agents 0, 1, 2 paid 1, 10, 100 per step, one shared module" if inject == "drop" else "agents 0, 1 paid 1 and 10 per step"
+    fault = f", INJECTING fault {inject!r}" if inject else ""
+    click.echo(f"training {iterations} PPO iterations on ScaledRewardsEnv ({layout}){fault}, recording to {out} ...", err=fmt != "text")
     run_demo(out, iterations=iterations, inject=inject)
-    sys.exit(_audit_and_print(out, as_json, verbose, fail_on, atol, rtol, allow_unverified))
+    sys.exit(_audit_and_print(out, fmt, verbose, criteria, atol, rtol))
 
 
 @main.command("compact")

@@ -1,6 +1,8 @@
 """Rendering an ``Audit``: a short terminal table (one line per finding, ``verbose`` adds
 the evidence), JSON for machines, and Markdown / self-contained HTML documents (one
-section per run). Pure functions returning strings.
+section per run). Pure functions returning strings; ``render(fmt, audits)`` picks one.
+Every rendering says what fails as one ``Criteria`` decides (``--fail-on``, ``--allow``,
+``--phase``, ``--allow-unverified``), the same object that decides the exit code.
 
 Sample terminal output (``reward-audit compare``)::
 
@@ -21,9 +23,12 @@ from __future__ import annotations
 
 import html
 import json
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
-from .audit import FAILURES, Audit, Finding, Verdict, plural
+from .audit import Audit, Criteria, Finding, Verdict, plural
+
+FORMATS = ("text", "json", "md", "html")
+PLOTS_HINT = 'Plots need matplotlib: `pip install "reward_audit[report]"`.'
 
 # --------------------------------------------------------------------------- escaping, one helper per format
 
@@ -78,16 +83,25 @@ def _header(audit: Audit) -> str:
     return f"== {_header_text(audit)}"
 
 
-def _summary(audit: Audit, fail_on: Iterable[Verdict] | None = None, allow_unverified: bool = False) -> str:
+def _summary(audit: Audit, criteria: Criteria | None = None) -> str:
     """``5 CLEAN, 4 LEAK — 4 failing``: counts per verdict (most severe last, as the enum
-    lists them), then what fails under ``fail_on`` / ``allow_unverified``."""
+    lists them), then what fails under ``criteria``, and what it lets pass."""
+    criteria = criteria or Criteria()
     order = [v.value for v in Verdict]
     counts = sorted(audit.counts().items(), key=lambda kv: order.index(kv[0]))
     summary = ", ".join(f"{n} {v}" for v, n in counts)
-    failures = audit.failures(fail_on) if fail_on is not None else audit.failures()
-    state = f"{len(failures)} failing" if failures else "no failures"
-    if audit.nothing_verified:
-        state += ", NOTHING VERIFIED" + (" (allowed by --allow-unverified)" if allow_unverified else " — fails; `--allow-unverified` accepts it")
+    failing = criteria.failing(audit)
+    state = f"{len(failing)} failing" if failing else "no failures"
+    ignored = criteria.ignored(audit)
+    unchecked = sum(not criteria.checks(f.phase) for f in ignored)
+    if ignored:
+        why = [f"{len(ignored) - unchecked} allowed"] * (len(ignored) > unchecked) + [f"{unchecked} in phases not checked"] * (unchecked > 0)
+        state += f" ({' and '.join(why)})"
+    unverified = criteria.unverified(audit)
+    if any(u.failing for u in unverified):
+        state += ", NOTHING VERIFIED — fails; `--allow-unverified` accepts it"
+    elif unverified:
+        state += ", NOTHING VERIFIED" + (" (allowed by --allow-unverified)" if criteria.allow_unverified else " in phases not checked")
     return f"{summary or 'no findings'} — {state}"
 
 
@@ -105,7 +119,7 @@ def render_table(findings: Iterable[Finding]) -> list[str]:
     return ["  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in rows]
 
 
-def render_text(audit: Audit, *, verbose: bool = False, fail_on: Iterable[Verdict] | None = None, allow_unverified: bool = False) -> str:
+def render_text(audit: Audit, *, verbose: bool = False, criteria: Criteria | None = None) -> str:
     """The terminal rendering. Each entry of ``lines`` is one line: ``visible`` makes sure
     no id, path or message in it can break it into two."""
     lines = [_header(audit)]
@@ -137,29 +151,40 @@ def render_text(audit: Audit, *, verbose: bool = False, fail_on: Iterable[Verdic
     lines += [f"note: {n}" for n in audit.notes]
     if notable and not verbose and any(f.evidence for f in notable):
         lines.append("(`--verbose` shows the episodes that prove each finding)")
-    if audit.nothing_verified:
+    unverified = (criteria or Criteria()).unverified(audit)
+    if unverified:
         lines.append("")
-        lines += [f"{'UNVERIFIED':<10} {reason}" for reason in audit.nothing_verified]
-    lines.append(_summary(audit, fail_on, allow_unverified))
+        lines += [f"{'UNVERIFIED':<10} {u.reason}" for u in unverified]
+    lines.append(_summary(audit, criteria))
     return "\n".join(visible(line) for line in lines)
 
 
-def render_json(audits: list[Audit], *, fail_on: Iterable[Verdict] | None = None, allow_unverified: bool = False) -> str:
-    """One JSON document: a list of verdict objects, each with its run and a ``failing``
-    flag; a run or phase where nothing could be verified is one more object (verdict
-    UNVERIFIED, kind ``run``, key ``nothing-verified``), failing unless allowed."""
-    wanted = set(fail_on) if fail_on is not None else set(FAILURES)
-    out = []
-    for audit in audits:
-        d = audit.to_dict()
-        head = {"run": d["run"], "name": d["name"], "ray_version": d["ray_version"], "api_stack": d["api_stack"]}
-        for f, finding in zip(d["findings"], audit.findings):
-            out.append({**head, **f, "failing": finding.verdict in wanted})
-        for reason in audit.nothing_verified:
-            out.append({**head, "phase": "run", "kind": "run", "key": "nothing-verified", "verdict": Verdict.UNVERIFIED.value, "episodes": 0,
-                        "truth": None, "reported": None, "difference": None, "message": reason, "counts": {}, "evidence": [], "attribution": None,
-                        "failing": not allow_unverified})
-    return json.dumps(out, indent=2, allow_nan=False)
+def to_document(audits: Audit | Sequence[Audit], *, criteria: Criteria | None = None) -> dict[str, Any]:
+    """The JSON document of ``--format json`` as a dict: ``ok`` (the exit code is 0 exactly
+    when it is true), verdict ``counts`` over every run, the ``tool`` that made it, the
+    ``criteria`` that decided what fails, and one object per run (``Audit.to_dict``) whose
+    findings and ``nothing_verified`` reasons carry a ``failing`` flag."""
+    from . import __version__
+
+    audits = _as_list(audits)
+    criteria = criteria or Criteria()
+    runs = [a.to_dict(criteria) for a in audits]
+    counts: dict[str, int] = {}
+    for run in runs:
+        for verdict, n in run["counts"].items():
+            counts[verdict] = counts.get(verdict, 0) + n
+    return {
+        "ok": all(run["ok"] for run in runs),
+        "counts": {v.value: counts[v.value] for v in Verdict if v.value in counts},
+        "tool": {"name": "reward_audit", "version": __version__},
+        "criteria": criteria.to_dict(),
+        "runs": runs,
+    }
+
+
+def render_json(audits: Audit | Sequence[Audit], *, criteria: Criteria | None = None) -> str:
+    """``to_document`` as one JSON document (no NaN literals: a non-finite number is ``null``)."""
+    return json.dumps(to_document(audits, criteria=criteria), indent=2, allow_nan=False)
 
 
 # --------------------------------------------------------------------------- documents
@@ -214,17 +239,28 @@ def plotted_series(audit: Audit) -> tuple[list, int]:
     return off[:MAX_OFF_PLOTS] + fine[:MAX_OVERVIEW_PLOTS], max(0, len(off) - MAX_OFF_PLOTS)
 
 
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend, or ``None`` when matplotlib is not installed:
+    plots are optional (the ``report`` extra), the HTML report then has tables only."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _plots(audit: Audit) -> list[tuple[str, str]]:
     """(title, base64 PNG) per dashboard series of a module / policy / agent mean. Titles
     hold ids: shown ``visible`` and never parsed as mathtext (``$`` in an id is just ``$``)."""
     import base64
     import io
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
+    if plt is None:
+        return []
     from matplotlib.ticker import MaxNLocator
 
     out = []
@@ -251,9 +287,10 @@ def _as_list(audits: Audit | Sequence[Audit]) -> list[Audit]:
     return [audits] if isinstance(audits, Audit) else list(audits)
 
 
-def _markdown_section(audit: Audit, fail_on: Iterable[Verdict] | None, allow_unverified: bool) -> list[str]:
-    lines = [f"## reward_audit: {md_text(audit.name)}", "", f"Run {md_text(_header_text(audit))}", "", f"**{md_text(_summary(audit, fail_on, allow_unverified))}**", ""]
-    lines += [f"- UNVERIFIED: {md_text(reason)}" for reason in audit.nothing_verified] + ([""] if audit.nothing_verified else [])
+def _markdown_section(audit: Audit, criteria: Criteria) -> list[str]:
+    lines = [f"## reward_audit: {md_text(audit.name)}", "", f"Run {md_text(_header_text(audit))}", "", f"**{md_text(_summary(audit, criteria))}**", ""]
+    unverified = criteria.unverified(audit)
+    lines += [f"- UNVERIFIED: {md_text(u.reason)}" for u in unverified] + ([""] if unverified else [])
     lines += ["| phase | kind | key | episodes | truth | reported | diff | verdict |", "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |"]
     for f in audit.findings:
         lines.append(
@@ -279,20 +316,22 @@ def _markdown_section(audit: Audit, fail_on: Iterable[Verdict] | None, allow_unv
     return lines
 
 
-def render_markdown(audits: Audit | Sequence[Audit], *, fail_on: Iterable[Verdict] | None = None, allow_unverified: bool = False) -> str:
+def render_markdown(audits: Audit | Sequence[Audit], *, criteria: Criteria | None = None) -> str:
     """One Markdown document for an issue tracker: a section (``## reward_audit: <run>``)
     per audited run, after a short index when there are several."""
     audits = _as_list(audits)
+    criteria = criteria or Criteria()
     lines = []
     if len(audits) > 1:
         lines += [f"# reward_audit: {len(audits)} runs", ""]
-        lines += [f"- {md_text(a.name)}: {md_text(_summary(a, fail_on, allow_unverified))}" for a in audits] + [""]
+        lines += [f"- {md_text(a.name)}: {md_text(_summary(a, criteria))}" for a in audits] + [""]
     for i, audit in enumerate(audits):
-        lines += ([""] if i else []) + _markdown_section(audit, fail_on, allow_unverified)
+        lines += ([""] if i else []) + _markdown_section(audit, criteria)
     return "\n".join(lines) + "\n"
 
 
-def _html_section(audit: Audit, index: int, fail_on: Iterable[Verdict] | None, allow_unverified: bool) -> str:
+def _html_section(audit: Audit, index: int, criteria: Criteria, plots: bool) -> str:
+    """One run's section; ``plots=False`` (notebooks, or no matplotlib): tables and lists only."""
     esc = html_text
     rows = "".join(
         f"<tr><td>{esc(f.phase)}</td><td>{esc(f.kind)}</td><td><code>{esc(f.key)}</code></td><td class=n>{f.episodes}</td>"
@@ -312,23 +351,23 @@ def _html_section(audit: Audit, index: int, fail_on: Iterable[Verdict] | None, a
             findings += f"<p><b>Attribution:</b> {esc(f.attribution)}</p>"
         if ev:
             findings += "<table><tr><th>episode</th><th>runner</th><th>chunks</th><th>truth</th><th>reported</th><th>diff</th><th>explanation</th></tr>" + ev + "</table>"
-    plots = "".join(f"<figure><img alt='{esc(t)}' src='data:image/png;base64,{b}'><figcaption>{esc(t)}</figcaption></figure>" for t, b in _plots(audit))
+    figures = "".join(f"<figure><img alt='{esc(t)}' src='data:image/png;base64,{b}'><figcaption>{esc(t)}</figcaption></figure>" for t, b in _plots(audit)) if plots else ""
     off_series = [d for d in audit.dashboard if d.wrong_iterations or d.unreconstructable]
-    hidden = plotted_series(audit)[1]
+    hidden = plotted_series(audit)[1] if plots else 0
     dash = "".join(f"<li>{esc(d.summary())}</li>" for d in off_series)
     dash += f"<li>{len(audit.dashboard) - len(off_series)} other recorded series match the truth</li>" if len(audit.dashboard) > len(off_series) else ""
     if hidden:
         dash += f"<li>{hidden} more series are off but not plotted (listed above)</li>"
     meaning = "".join(f"<li>{x}</li>" for x in meaning_lines(audit, text=esc, code=lambda s: f"<code>{esc(s)}</code>"))
-    unverified = "".join(f"<li>UNVERIFIED: {esc(reason)}</li>" for reason in audit.nothing_verified)
+    unverified = "".join(f"<li>UNVERIFIED: {esc(u.reason)}</li>" for u in criteria.unverified(audit))
     notes = "".join(f"<li>{esc(n)}</li>" for n in audit.notes)
     return f"""<section id="run-{index}">
 <h2>{esc(audit.name)}</h2>
 <p>{esc(_header_text(audit))}</p>
-<p><b>{esc(_summary(audit, fail_on, allow_unverified))}</b></p>{f"<ul>{unverified}</ul>" if unverified else ""}
+<p><b>{esc(_summary(audit, criteria))}</b></p>{f"<ul>{unverified}</ul>" if unverified else ""}
 <h3>Verdicts</h3>
 <table><tr><th>phase</th><th>kind</th><th>key</th><th>episodes</th><th>truth</th><th>reported</th><th>diff</th><th>verdict</th></tr>{rows}</table>
-<h3>Dashboards: shown vs. truth per iteration</h3>{plots or "<p>No dashboard series were recorded.</p>"}<ul>{dash}</ul>
+<h3>Dashboards: shown vs. truth per iteration</h3>{figures if audit.dashboard else "<p>No dashboard series were recorded.</p>"}<ul>{dash}</ul>
 <h3>Findings and example episodes</h3>{findings or "<p>None.</p>"}
 {f"<h3>Notes</h3><ul>{notes}</ul>" if notes else ""}
 <h3>What the numbers mean</h3><ul>{meaning}</ul>
@@ -336,17 +375,22 @@ def _html_section(audit: Audit, index: int, fail_on: Iterable[Verdict] | None, a
 """
 
 
-def render_html(audits: Audit | Sequence[Audit], *, fail_on: Iterable[Verdict] | None = None, allow_unverified: bool = False) -> str:
+def render_html(audits: Audit | Sequence[Audit], *, criteria: Criteria | None = None) -> str:
     """One self-contained HTML page (plots inlined as PNG; no network needed) with a
-    section per audited run, after an index linking them when there are several."""
+    section per audited run, after an index linking them when there are several. Without
+    matplotlib: the same page without plots, and one line saying how to get them."""
     audits = _as_list(audits)
+    criteria = criteria or Criteria()
+    plots = _pyplot() is not None
     esc = html_text
     title = audits[0].name if len(audits) == 1 else f"{len(audits)} runs"
     index = ""
     if len(audits) > 1:
-        items = "".join(f"<li><a href='#run-{i}'>{esc(a.name)}</a>: {esc(_summary(a, fail_on, allow_unverified))}</li>" for i, a in enumerate(audits))
+        items = "".join(f"<li><a href='#run-{i}'>{esc(a.name)}</a>: {esc(_summary(a, criteria))}</li>" for i, a in enumerate(audits))
         index = f"<ul>{items}</ul>\n"
-    sections = "".join(_html_section(a, i, fail_on, allow_unverified) for i, a in enumerate(audits))
+    if not plots and any(a.dashboard for a in audits):
+        index += f"<p class=hint>{esc(PLOTS_HINT)}</p>\n"
+    sections = "".join(_html_section(a, i, criteria, plots) for i, a in enumerate(audits))
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>reward_audit: {esc(title)}</title>
 <style>
@@ -355,8 +399,29 @@ table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }}
 td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: left; }}
 td.n {{ text-align: right; font-variant-numeric: tabular-nums; }}
 figure {{ display: inline-block; margin: 0.5em; }} figcaption {{ font-size: 0.8em; color: #555; }}
-section {{ border-top: 2px solid #888; margin-top: 2em; }}
+section {{ border-top: 2px solid #888; margin-top: 2em; }} p.hint {{ color: #8a6d00; }}
 </style></head><body>
 <h1>reward_audit: {esc(title)}</h1>
 {index}{sections}</body></html>
 """
+
+
+def html_fragment(audit: Audit, *, criteria: Criteria | None = None) -> str:
+    """One run's HTML section without plots and without a page around it (Jupyter's
+    ``Audit._repr_html_``): fast, and every id escaped as in the report."""
+    return f"<div class='reward-audit'>{_html_section(audit, 0, criteria or Criteria(), plots=False)}</div>"
+
+
+def render(fmt: str, audits: Audit | Sequence[Audit], *, criteria: Criteria | None = None, verbose: bool = False) -> str:
+    """``fmt`` (one of ``FORMATS``) -> the document, ending with a newline. ``verbose``:
+    the terminal table with the episodes behind each finding."""
+    audits = _as_list(audits)
+    if fmt == "text":
+        return "\n\n".join(render_text(a, verbose=verbose, criteria=criteria) for a in audits) + "\n"
+    if fmt == "json":
+        return render_json(audits, criteria=criteria) + "\n"
+    if fmt == "md":
+        return render_markdown(audits, criteria=criteria)
+    if fmt == "html":
+        return render_html(audits, criteria=criteria)
+    raise ValueError(f"{fmt!r}: not an output format; use one of {', '.join(FORMATS)}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from .audit import FAILURES, Audit, Verdict
+from .audit import FAILURES, Audit, Criteria, Verdict
 from .compare import compare
 from .report import render_text, visible
 from .store import load_runs
@@ -39,31 +39,22 @@ def assert_no_leakage(
     something verified: a run or phase where nothing could be checked fails too, unless
     ``allow_unverified``.
 
-    ``phases`` limits the check (e.g. ``["train"]``); ``allow`` lists ``"phase:kind:key"``
-    (or ``"kind:key"``) findings to ignore, e.g. ``["module:frozen_snapshot"]``.
+    ``phases`` limits the check (e.g. ``["train"]``; a phase the run has nothing in fails
+    as unverified); ``allow`` lists ``"phase:kind:key"`` (or ``"kind:key"``) findings to
+    ignore, e.g. ``["module:frozen_snapshot"]`` (``ValueError`` for an entry of another
+    shape). The same rules as the CLI's ``--phase`` / ``--allow`` (``audit.Criteria``).
     Returns the audits when they pass.
     """
+    criteria = Criteria(fail_on=fail_on, allow=allow, phases=phases, allow_unverified=allow_unverified)  # as the CLI
     audits = [path] if isinstance(path, Audit) else [compare(run) for run in load_runs(str(path))]
-    wanted = {Verdict(v.upper()) if isinstance(v, str) else v for v in fail_on}
-    allowed = set(allow)
-    phase_set = set(phases) if phases is not None else None
-    failing = []
-    for audit in audits:
-        for f in audit.failures(wanted):
-            if phase_set is not None and f.phase not in phase_set:
-                continue
-            if f"{f.phase}:{f.kind}:{f.key}" in allowed or f"{f.kind}:{f.key}" in allowed:
-                continue
-            failing.append(f)
-    unverified = [] if allow_unverified else [
-        r for a in audits for r in a.nothing_verified if phase_set is None or not r.startswith("nothing verified in phase ") or r.split()[4].rstrip(":") in phase_set
-    ]
+    failing = [f for a in audits for f in criteria.failing(a)]
+    unverified = [u.reason for a in audits for u in criteria.unverified(a) if u.failing]
     if failing or unverified:
         lines = [f"reward attribution is wrong: {len(failing)} failing finding(s)"] if failing else ["reward attribution could not be checked"]
         lines += [f"  {visible(f)}" for f in failing]
         lines += [f"  {visible(r)} (pass `allow_unverified=True` to accept)" for r in unverified]
         lines.append("")
-        lines += [render_text(a, verbose=True, fail_on=wanted, allow_unverified=allow_unverified) for a in audits]
+        lines += [render_text(a, verbose=True, criteria=criteria) for a in audits]
         lines.append("Get the data: `reward_audit.compare(path).episodes` (a DataFrame, one row per episode and key)")
         raise RewardLeakageError("\n".join(lines), audits, failing)
     return audits

@@ -140,8 +140,10 @@ def cli_compare(path: str, *args: str) -> tuple[int, str]:
 
 def cli_findings(path: str) -> tuple[int, dict[tuple[str, str, str], dict]]:
     """``reward-audit compare --json PATH``: ``(exit code, {(phase, kind, key): finding})``."""
-    code, output = cli_compare(path, "--json")
-    return code, {(f["phase"], f["kind"], f["key"]): f for f in json.loads(output)}
+    code, output = cli_compare(path, "--format", "json")
+    doc = json.loads(output)
+    assert doc["ok"] == (code == 0), (code, doc["ok"])
+    return code, {(f["phase"], f["kind"], f["key"]): f for run in doc["runs"] for f in run["findings"]}
 
 
 # ----------------------------------------------------------------- Ray 2.1x experimental new stack

@@ -1,4 +1,5 @@
-"""The CLI through click's CliRunner: exit codes, --json shape, one-line errors."""
+"""The CLI through click's CliRunner: exit codes, the JSON document, one-line errors.
+The output surface (--format, --allow, --phase) on a real recorded run: test_output_surface.py."""
 
 from __future__ import annotations
 
@@ -74,13 +75,16 @@ def test_json_shape(tmp_path):
     result = invoke("compare", leaky_run(tmp_path / "t" / "reward_audit"), "--json")
     assert result.exit_code == 1
     doc = json.loads(result.output)
-    assert isinstance(doc, list) and doc
-    leak = [d for d in doc if d["verdict"] == "LEAK"]
+    assert (doc["ok"], doc["counts"], doc["tool"]["name"]) == (False, {"CLEAN": 1, "LEAK": 1}, "reward_audit")
+    [run] = doc["runs"]
+    assert (run["name"], run["ok"], run["ray_version"], run["counts"]) == ("t", False, "synthetic", {"CLEAN": 1, "LEAK": 1})
+    leak = [d for d in run["findings"] if d["verdict"] == "LEAK"]
     assert len(leak) == 1
     d = leak[0]
-    assert {"phase", "kind", "key", "verdict", "episodes", "truth", "reported", "difference", "evidence"} <= set(d)
-    assert (d["phase"], d["kind"], d["key"], d["truth"], d["reported"], d["difference"]) == ("train", "module", "p0", 3.0, 13.0, 10.0)
+    assert {"phase", "kind", "key", "verdict", "episodes", "truth", "reported", "difference", "evidence", "failing"} <= set(d)
+    assert (d["phase"], d["kind"], d["key"], d["truth"], d["reported"], d["difference"], d["failing"]) == ("train", "module", "p0", 3.0, 13.0, 10.0, True)
     assert d["evidence"][0]["episode_id"] == "e1"
+    assert [f["failing"] for f in run["findings"] if f["verdict"] == "CLEAN"] == [False]
 
 
 # ---------------------------------------------------------------- bad input -> exit 2
@@ -208,7 +212,7 @@ def test_json_output_has_no_progress_or_stray_text(tmp_path):
     generate_run(str(tmp_path), iterations=3, episodes_per_iteration=8, inject="leak", inject_every=1)
     result = CliRunner().invoke(main, ["compare", str(tmp_path), "--json"])
     assert result.exit_code == 1
-    assert isinstance(json.loads(result.stdout), list)
+    assert json.loads(result.stdout)["ok"] is False
 
 
 def test_compact_command(tmp_path):

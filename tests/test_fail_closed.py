@@ -41,7 +41,11 @@ def test_a_run_with_only_its_manifest_fails(tmp_path):
     assert result.exit_code == 1 and "nothing verified" in result.output and "NOTHING VERIFIED" in result.output
     assert cli("compare", path, "--allow-unverified").exit_code == 0
     doc = json.loads(cli("compare", path, "--json").output)
-    assert [(d["key"], d["verdict"], d["failing"]) for d in doc] == [("nothing-verified", "UNVERIFIED", True)]
+    [run] = doc["runs"]
+    assert (doc["ok"], run["ok"], run["findings"]) == (False, False, [])
+    assert [(u["phase"], u["failing"]) for u in run["nothing_verified"]] == [(None, True)] and "no recorded rows" in run["nothing_verified"][0]["reason"]
+    allowed = json.loads(cli("compare", path, "--json", "--allow-unverified").output)
+    assert allowed["ok"] and [u["failing"] for u in allowed["runs"][0]["nothing_verified"]] == [False]
     with pytest.raises(RewardLeakageError, match="nothing verified"):
         assert_no_leakage(path)
     assert assert_no_leakage(path, allow_unverified=True)

@@ -192,7 +192,7 @@ def test_json_stays_valid_and_keeps_the_ids(tmp_path, hostile):
     result = invoke("compare", run, "--json")
     assert result.exit_code == 1
     assert "\x1b" not in result.stdout and "\n" not in "".join(re.findall(r'"[^"\n]*"', result.stdout))
-    findings = json.loads(result.stdout)
+    findings = [f for run in json.loads(result.stdout)["runs"] for f in run["findings"]]
     assert hostile in {f["key"] for f in findings}
     evidence = [e for f in findings for e in f["evidence"]]
     assert evidence and all(e["episode_id"].startswith(hostile) and e["runner_id"].endswith(hostile) for e in evidence)
