@@ -11,8 +11,8 @@ PYTEST_ARGS ?=
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(VENV)/bin/pip install -q "$(TORCH)" "ray[rllib]==$(RAY_VERSION)" matplotlib
-	$(VENV)/bin/pip install -q -e ".[test]"
+	$(VENV)/bin/pip install -q "$(TORCH)" "ray[rllib]==$(RAY_VERSION)"
+	$(VENV)/bin/pip install -q -e ".[test,report]"
 	touch $@
 
 install: $(STAMP)
@@ -42,7 +42,7 @@ $(VERSION_STAMPS): .venv-ray%/.installed: pyproject.toml
 	@start=$$(date +%s); \
 	$(PY) -m venv .venv-ray$* && \
 	.venv-ray$*/bin/pip install -q "$(TORCH)" "ray[rllib]==$*" $(EXTRA_PINS_$*) && \
-	.venv-ray$*/bin/pip install -q -e ".[test]" $(EXTRA_PINS_$*) && \
+	.venv-ray$*/bin/pip install -q -e ".[test,report]" $(EXTRA_PINS_$*) && \
 	.venv-ray$*/bin/python -c "import ray, sys; sys.exit(None if ray.__version__ == '$*' else f'.venv-ray$*: ray {ray.__version__} installed, expected $*')" && \
 	echo "== .venv-ray$*: install took $$(( $$(date +%s) - start )) s"
 	touch $@

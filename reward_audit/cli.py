@@ -329,5 +329,20 @@ def schema_cmd() -> None:
     click.echo(schema_markdown(), nl=False)
 
 
+@main.command("doctor")
+@click.argument("path", required=False)
+@click.option("--ray-version", default=None, help="Judge this Ray version (default: the run folder's, else the installed one).")
+@_one_line_errors
+def doctor_cmd(path: str | None, ray_version: str | None) -> None:
+    """Which known RLlib reporting problems a setup is exposed to, without training.
+
+    PATH (optional): a Tune trial dir, its params.json / result.json, or a reward_audit
+    run folder; without it, the installed Ray version alone. One line per known problem
+    (docs/known_bugs.md) and what to run to check. Exit 0; 2 on an unreadable PATH."""
+    from .doctor import doctor
+
+    click.echo("\n".join(doctor(path, ray_version)))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

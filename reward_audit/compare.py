@@ -36,6 +36,7 @@ from .attribution import explain, feature_row, fit
 from .audit import FAILURES, SEVERITY, Audit, Evidence, Finding, Verdict, plural
 from .dashboard import build_dashboard, dashboard_frame, dashboard_rows
 from .handover import Handover, check_handover
+from .known_bugs import with_known_bugs
 from .schema import Kind, Phase
 from .store import Run, load_run
 from .tally import LateData, Progress, Tally, largest_wrong, tally
@@ -96,7 +97,7 @@ def compare(
         "verified_episodes": sum(result.compared.values()),
         "seconds": time.perf_counter() - start,
     }
-    return Audit(
+    return with_known_bugs(Audit(
         run.path,
         run.name,
         run.manifest,
@@ -106,7 +107,7 @@ def compare(
         tuple(notes + dash_notes),
         stats,
         tuple(_nothing_verified(run, result, findings)),
-    )
+    ))
 
 
 def episodes_frame(run: Run | str, *, atol: float | None = None, rtol: float | None = None) -> pd.DataFrame:

@@ -8,8 +8,15 @@ exactly where Ray 2.12 leaked one agent's rewards into the other's module.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-from typing import Any
+import warnings
+from typing import Any, Iterator
+
+# Loggers whose warnings the demo hides (Ray's own set-up, RLlib's deprecation and API-stack notices).
+# reward_audit's own logger ("reward_audit") is not among them.
+RAY_LOGGERS = ("ray", "ray.rllib", "ray.tune", "ray.train", "ray.data")
 
 
 def agent_to_policy(agent_id: Any, episode: Any = None, **kwargs: Any) -> str:
@@ -58,6 +65,23 @@ def demo_config(
     return config
 
 
+@contextlib.contextmanager
+def quiet_ray() -> Iterator[None]:
+    """Ray's and RLlib's loggers at ERROR and Python warnings (gymnasium, torch) ignored while
+    the block runs; both restored after it. Call after ``import ray``, which sets the levels."""
+    loggers = [logging.getLogger(name) for name in RAY_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
+
+
 def run_demo(output: str, iterations: int = 4, inject: str | None = None) -> str:
     """Train ``iterations`` PPO iterations recording to ``output``; returns the output folder.
 
@@ -68,16 +92,17 @@ def run_demo(output: str, iterations: int = 4, inject: str | None = None) -> str
 
     os.makedirs(output, exist_ok=True)
     started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    try:
-        algo = demo_config(output, shared=inject == "drop", inject=inject).build_algo()
-        try:
-            for _ in range(iterations):
-                algo.train()
-        finally:
-            algo.stop()
-    finally:
+    with quiet_ray():
         if started:
-            ray.shutdown()
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        try:
+            algo = demo_config(output, shared=inject == "drop", inject=inject).build_algo()
+            try:
+                for _ in range(iterations):
+                    algo.train()
+            finally:
+                algo.stop()
+        finally:
+            if started:
+                ray.shutdown()
     return output

@@ -1,6 +1,6 @@
-"""Generate the docs that describe code: ``docs/cli.md`` (from the click commands) and
-``docs/schema.md`` (from ``schema.py``) and the verdict table of ``docs/verdicts.md`` (from
-``audit.Verdict``). ``python -m reward_audit.docsgen`` rewrites them;
+"""Generate the docs that describe code: ``docs/cli.md`` (from the click commands),
+``docs/schema.md`` (from ``schema.py``), ``docs/known_bugs.md`` (from ``known_bugs.py``) and
+the verdict table of ``docs/verdicts.md`` (from ``audit.Verdict``). ``python -m reward_audit.docsgen`` rewrites them;
 ``tests/test_docs.py`` fails when they are stale.
 """
 
@@ -12,6 +12,7 @@ import click
 
 from .cli import main
 from .audit import verdict_table
+from .known_bugs import markdown as known_bugs_markdown
 from .schema import schema_markdown
 
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
@@ -40,7 +41,7 @@ def verdicts_markdown() -> str:
 
 
 def generated() -> dict[str, str]:
-    return {"cli.md": cli_markdown(), "schema.md": schema_markdown(), "verdicts.md": verdicts_markdown()}
+    return {"cli.md": cli_markdown(), "schema.md": schema_markdown(), "verdicts.md": verdicts_markdown(), "known_bugs.md": known_bugs_markdown()}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,17 +7,19 @@ callback and audits it, a strict option, and a terminal summary.
 
 Options: ``--reward-audit-strict`` also fails on EXCLUDED and UNVERIFIED findings;
 ``--reward-audit-keep DIR`` keeps the recorded runs there (default: pytest's tmp dirs).
-The logic lives in ``testing.py``; this module only wires it into pytest.
+The logic lives in ``testing.py``; this module only wires it into pytest. pytest loads it at
+start-up in every project where reward_audit is installed, so it imports nothing of its own
+until the fixture runs (pandas, pyarrow and the audit load on first use).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import pytest
 
-from .audit import FAILURES, Audit, Verdict
-from .testing import assert_no_leakage, train_and_audit
+if TYPE_CHECKING:
+    from .audit import Audit
 
 _AUDITS_KEY = pytest.StashKey[list]()
 
@@ -39,6 +41,9 @@ def pytest_configure(config: pytest.Config) -> None:
 def reward_audit_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Audit]:
     """Train ``config`` for ``iterations`` with RewardAuditCallback, audit it, and assert no
     failing verdict (``check=False`` to only get the ``Audit``)."""
+    from .audit import FAILURES, Verdict
+    from .testing import assert_no_leakage, train_and_audit
+
     strict = request.config.getoption("--reward-audit-strict")
     keep = request.config.getoption("--reward-audit-keep")
     allow_unverified = request.config.getoption("--reward-audit-allow-unverified")
