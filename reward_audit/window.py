@@ -27,6 +27,7 @@ RAW_COLUMNS = ["phase", "runner_id", "episode_id", "agent_id", "chunk_seq", "mod
 REP_COLUMNS = ["phase", "runner_id", "episode_id", "kind", "agent_id", "module_id", "value", "semantics", "metrics_call", "iteration"]
 _STRINGS = {"phase", "runner_id", "episode_id", "agent_id", "module_id", "kind", "semantics"}
 _DICT = pa.dictionary(pa.int32(), pa.string())
+MAX_CHUNK_SEQ = 2**32 - 1  # sample() calls per runner; larger values would overflow the packed integer keys of tally
 _CANONICAL = {f.name: f.type for table in (schema.RAW_REWARDS, schema.REPORTED_EPISODES) for f in table}
 
 
@@ -313,9 +314,12 @@ def _encode(w: Window, raw: pa.Table | None, rep: pa.Table | None) -> None:
     w.call = num(rep, "metrics_call", np.int64)
     w.p_iteration = num(rep, "iteration", np.int64)
     w.ord = num(rep, "ord", np.int64)
-    if len(w.chunk) and w.chunk.min() < 0:
-        i = int(np.argmin(w.chunk))
-        raise InvalidDataError(f"{w.raw_files[w.raw_file[i]]}: negative `chunk_seq` {w.chunk[i]} (episode {w.episodes[w.r_episode[i]]}); the file was not written by reward_audit — re-record the run")
+    if len(w.chunk) and (w.chunk.min() < 0 or w.chunk.max() > MAX_CHUNK_SEQ):
+        i = int(np.argmin(w.chunk)) if w.chunk.min() < 0 else int(np.argmax(w.chunk))
+        raise InvalidDataError(
+            f"{w.raw_files[w.raw_file[i]]}: `chunk_seq` {w.chunk[i]} (episode {w.episodes[w.r_episode[i]]}), expected 0 to 2^32 − 1 "
+            "(a runner's `sample()` call number); the file was not written by reward_audit — re-record the run"
+        )
     bad = ~(np.isfinite(w.reward) & np.isfinite(w.pre))
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
