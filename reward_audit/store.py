@@ -529,7 +529,7 @@ def _inspect(fs: pafs.FileSystem, file: str, name: str) -> Part:
         with fs.open_input_file(file) as f:
             meta = pq.ParquetFile(f).metadata
             arrow_schema = meta.schema.to_arrow_schema()
-    except (pa.ArrowException, OSError) as e:
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as e:  # a column name that is not UTF-8: a damaged footer
         raise CorruptRunError(f"{file}: unreadable Parquet ({str(e).splitlines()[0]}); {DAMAGED_FIX}") from e
     version = (arrow_schema.metadata or {}).get(_VERSION_KEY)
     if version not in {str(v).encode() for v in schema.READABLE_SCHEMA_VERSIONS}:
