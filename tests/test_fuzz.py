@@ -31,6 +31,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -475,6 +476,17 @@ class Outcome:
     verdicts: tuple | None  # from --json, when it audited
 
 
+def _invoke(runner: CliRunner, args: list[str]):
+    """Run the CLI; fail on a warning a user would see on stderr (RuntimeWarning & co.;
+    deprecation warnings are hidden outside ``__main__``)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = runner.invoke(main, args)
+    shown = [w for w in caught if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning))]
+    assert not shown, f"{args[0]}: warnings on stderr: {[f'{w.filename}:{w.lineno}: {w.message}' for w in shown]}"
+    return result
+
+
 def _check(result, what: str) -> None:
     """Exit 0 / 1 / 2, no escaped exception, no traceback; exit 2: one `Error: ` line."""
     shown = f"{what}: exit {result.exit_code}\nstdout: {result.stdout[:2000]}\nstderr: {result.stderr[:2000]}"
@@ -492,13 +504,13 @@ def audit(trial: str, tmp: str, fmt: str = "html") -> Outcome:
     """The three commands on one folder. ``fmt`` of the report: HTML (plots, slow) where the
     damage is anything, Markdown (same audit, same exit code) where it is only values."""
     runner = CliRunner(env={"REWARD_AUDIT_DEBUG": "1"})  # an unexpected exception escapes, with its traceback
-    text = runner.invoke(main, ["compare", trial])
+    text = _invoke(runner, ["compare", trial])
     _check(text, "compare")
-    as_json = runner.invoke(main, ["compare", trial, "--json"])
+    as_json = _invoke(runner, ["compare", trial, "--json"])
     _check(as_json, "compare --json")
     verdicts = _verdicts(as_json.stdout) if as_json.exit_code != 2 else None
     out = os.path.join(tmp, f"r.{fmt}")
-    report = runner.invoke(main, ["report", trial, "-o", out, "--force", "--format", fmt])
+    report = _invoke(runner, ["report", trial, "-o", out, "--force", "--format", fmt])
     _check(report, "report")
     assert text.exit_code == as_json.exit_code == report.exit_code, (text.output, as_json.output, report.output)
     if report.exit_code != 2:
@@ -603,6 +615,36 @@ def test_a_huge_chunk_seq_is_one_error_line(tmp_path, chunk_seq):
         f"Error: {file}: `chunk_seq` {chunk_seq} (episode {table['episode_id'][0]}), expected 0 to 2^32 − 1 (a runner's `sample()` call number); "
         "the file was not written by reward_audit — re-record the run"
     ]
+
+
+def test_a_column_name_that_is_not_utf8_is_one_error_line(tmp_path):
+    """Was: exit 2, "could not audit (UnicodeDecodeError: ...)" — a flipped byte in a part's
+    footer made a column name invalid UTF-8, which pyarrow raises as UnicodeDecodeError."""
+    trial = _synthetic(tmp_path)
+    [file] = glob.glob(f"{trial}/reward_audit/raw_rewards/part-000001-*.parquet")
+    with open(file, "rb") as f:
+        data = f.read()
+    with open(file, "wb") as f:
+        f.write(data.replace(b"agent_id_type", b"agent_id_typ\xe5"))
+    result = CliRunner().invoke(main, ["compare", trial])
+    assert result.exit_code == 2
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"Error: {file}: unreadable Parquet (") and line.endswith(
+        "the file is damaged — delete it to audit the rest (its rows will be missing), or re-record the run"
+    )
+
+
+def test_a_nan_reported_value_is_a_mismatch_without_numpy_warnings(tmp_path):
+    """Was: exit 1 and eight lines of `RuntimeWarning: invalid value encountered in minimum`
+    (dashboard.py) on stderr."""
+    trial = _synthetic(tmp_path)
+    [file] = glob.glob(f"{trial}/reward_audit/reported_episodes/part-000002-*.parquet")
+    _write(_set_rows(pq.read_table(file), "value", [0], lambda v: math.nan), file)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = CliRunner().invoke(main, ["compare", trial])
+    assert result.exit_code == 1, result.output
+    assert result.stderr == "" and "MISMATCH" in result.stdout
 
 
 def test_zz_inputs_tried(capsys):
