@@ -49,7 +49,7 @@ from reward_audit.synthetic import generate_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = sorted(glob.glob(os.path.join(ROOT, "fixtures", "runs", "*", "reward_audit")))
-EXAMPLES = int(os.environ.get("REWARD_AUDIT_FUZZ_EXAMPLES", "50"))
+EXAMPLES = int(os.environ.get("REWARD_AUDIT_FUZZ_EXAMPLES", "40"))
 TABLES = ("raw_rewards", "reported_episodes", "reported_iterations", "drains")
 
 TRIED: collections.Counter = collections.Counter()  # inputs per fuzz test, printed by the last test
@@ -131,12 +131,14 @@ class Target:
     base: Base
 
 
-def _files(run: str, pattern: str = "**/*") -> list[str]:
-    return sorted(f for f in glob.glob(f"{run}/{pattern}", recursive=True) if os.path.isfile(f) and not os.path.islink(f))
+def _files(run: str) -> list[str]:
+    """The run's regular files (links not followed: a mutation may have made loops)."""
+    return sorted(os.path.join(folder, f) for folder, _, files in os.walk(run) for f in files if not os.path.islink(os.path.join(folder, f)))
 
 
 def _parts(run: str, table: str | None = None) -> list[str]:
-    return _files(run, f"{table}/*.parquet" if table else "*/*.parquet")
+    tables = [table] if table else TABLES
+    return [f for f in _files(run) if f.endswith(".parquet") and os.path.basename(os.path.dirname(f)) in tables and os.path.dirname(os.path.dirname(f)) == run]
 
 
 def _pick(data, items: list):
@@ -155,7 +157,17 @@ def _write(table: pa.Table, file: str) -> None:
 
 
 def _copy_name(file: str, suffix: str) -> str:
-    return file[: -len(".parquet")] + f"-{suffix}.parquet"
+    """A new part name next to ``file`` (numbered when the name is taken)."""
+    name, n = file[: -len(".parquet")] + f"-{suffix}", 0
+    while os.path.lexists(f"{name}{n or ''}.parquet"):
+        n += 1
+    return f"{name}{n or ''}.parquet"
+
+
+def _link(target: str, path: str) -> None:
+    """``path -> target``, unless ``path`` exists already (a mutation drawn twice)."""
+    if not os.path.lexists(path):
+        os.symlink(target, path)
 
 
 def truncate(data, t: Target) -> Effect:
@@ -337,18 +349,18 @@ def inside_link(data, t: Target) -> Effect:
     parts = _parts(t.run)
     if kind == "part" and parts:  # read as an identical copy
         file = _pick(data, parts)
-        os.symlink(os.path.basename(file), _copy_name(file, "link"))
+        _link(os.path.basename(file), _copy_name(file, "link"))
     elif kind == "loops":
-        os.symlink(".", os.path.join(t.run, "loop"))
-        os.symlink("..", os.path.join(os.path.dirname(t.run), "up"))
-        os.symlink(os.path.dirname(t.run), os.path.join(t.run, "trial"))
+        _link(".", os.path.join(t.run, "loop"))
+        _link("..", os.path.join(os.path.dirname(t.run), "up"))
+        _link(os.path.dirname(t.run), os.path.join(t.run, "trial"))
     elif kind == "manifest":
         manifest = os.path.join(t.run, "run.json")
         if os.path.isfile(manifest) and not os.path.islink(manifest):
             where = os.path.join(t.run, "raw_rewards", "manifest.json")
             os.makedirs(os.path.dirname(where), exist_ok=True)
             shutil.move(manifest, where)
-            os.symlink(os.path.relpath(where, t.run), manifest)
+            _link(os.path.relpath(where, t.run), manifest)
     return Effect.KEEPS
 
 
@@ -360,36 +372,36 @@ def symlink(data, t: Target) -> Effect:
         file = _pick(data, parts)
         outside = os.path.join(t.tmp, "outside-" + os.path.basename(file))
         shutil.move(file, outside)
-        os.symlink(outside, file)
+        _link(outside, file)
     elif kind == "table-out":
         table = data.draw(st.sampled_from(TABLES))
         folder = os.path.join(t.run, table)
         outside = os.path.join(t.tmp, "outside-" + table)
         if os.path.isdir(folder) and not os.path.islink(folder):
             shutil.move(folder, outside)
-            os.symlink(outside, folder)
+            _link(outside, folder)
     elif kind == "manifest-out":
         manifest = os.path.join(t.run, "run.json")
         if os.path.isfile(manifest) and not os.path.islink(manifest):
             shutil.move(manifest, os.path.join(t.tmp, "outside-run.json"))
-            os.symlink(os.path.join(t.tmp, "outside-run.json"), manifest)
+            _link(os.path.join(t.tmp, "outside-run.json"), manifest)
     elif kind == "dangling":
-        os.symlink(os.path.join(t.tmp, "nowhere"), os.path.join(t.run, data.draw(st.sampled_from(TABLES)) + "-gone.parquet"))
+        _link(os.path.join(t.tmp, "nowhere"), os.path.join(t.run, data.draw(st.sampled_from(TABLES)) + "-gone.parquet"))
         folder = os.path.join(t.run, "raw_rewards")
         if os.path.isdir(folder) and not os.path.islink(folder):
-            os.symlink(os.path.join(t.tmp, "nowhere"), os.path.join(folder, "part-000009-gone.parquet"))
+            _link(os.path.join(t.tmp, "nowhere"), os.path.join(folder, "part-000009-gone.parquet"))
     elif kind == "self":
         folder = os.path.join(t.run, data.draw(st.sampled_from(TABLES)))
         if os.path.isdir(folder) and not os.path.islink(folder):
-            os.symlink("part-loop.parquet", os.path.join(folder, "part-loop.parquet"))
+            _link("part-loop.parquet", os.path.join(folder, "part-loop.parquet"))
     elif kind == "up-dir":
         folder = os.path.join(t.run, data.draw(st.sampled_from(TABLES)))
         if os.path.isdir(folder) and not os.path.islink(folder):
-            os.symlink("..", os.path.join(folder, "up.parquet"))
+            _link("..", os.path.join(folder, "up.parquet"))
     elif kind == "dir-as-part":
         folder = os.path.join(t.run, "raw_rewards")
         if os.path.isdir(folder) and not os.path.islink(folder):
-            os.symlink(os.path.join(t.run, "reported_episodes"), os.path.join(folder, "part-000009-dir.parquet"))
+            _link(os.path.join(t.run, "reported_episodes"), os.path.join(folder, "part-000009-dir.parquet"))
     return Effect.DAMAGE
 
 
