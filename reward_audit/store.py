@@ -215,6 +215,7 @@ class Run:
             try:
                 with self.filesystem.open_input_file(part.path) as f:
                     data = pq.read_table(f)
+                data.validate(full=True)  # a damaged page can hold invalid UTF-8
                 check_required(table, data, part.path)
                 for column in expected.names:  # schema-1 parts: the columns added since are null
                     if column not in data.column_names:

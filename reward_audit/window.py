@@ -110,6 +110,8 @@ def _read_parts(run: Run, table: str, parts: list[Part], columns: list[str], a: 
             for c in absent:
                 t = t.append_column(c, pa.nulls(t.num_rows, schema.RAW_REWARDS.field(c).type))
             t = t.select(columns + (["ord"] if "ord" in t.column_names else []))
+            for c in strings:  # a damaged page can hold invalid UTF-8 or dictionary indices out of range
+                t.column(c).validate(full=True)
         except (pa.ArrowInvalid, OSError) as e:
             raise CorruptRunError(f"{part.path}: unreadable Parquet ({str(e).splitlines()[0]}); {DAMAGED_FIX}") from e
         check_required(table, t, part.path)

@@ -691,6 +691,26 @@ def test_nulls_in_a_required_column_are_one_error_line(tmp_path, table, column):
     ]
 
 
+@pytest.mark.parametrize("table", ["raw_rewards", "reported_episodes", "reported_iterations"])
+def test_invalid_utf8_in_a_string_column_is_one_error_line(tmp_path, table):
+    """Was: exit 2, "could not audit (ArrowException: Unknown error: Wrapping \ufffdpisode
+    failed)" — a flipped byte in a dictionary page made a string invalid UTF-8."""
+    trial = _synthetic(tmp_path)
+    [file] = glob.glob(f"{trial}/reward_audit/{table}/part-000001-*.parquet")
+    data = pq.read_table(file)
+    column = "path" if table == "reported_iterations" else "episode_id"
+    value = data[column][0].as_py().encode()
+    pq.write_table(data, file, compression="none", write_statistics=False)  # the strings as plain bytes in the file
+    with open(file, "rb") as f:
+        raw = f.read()
+    with open(file, "wb") as f:
+        f.write(raw.replace(value, b"\xe5" + value[1:]))
+    result = CliRunner().invoke(main, ["compare", trial])
+    assert result.exit_code == 2
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"Error: {file}: unreadable Parquet (") and "Invalid UTF8" in line and line.endswith("or re-record the run")
+
+
 def test_zz_inputs_tried(capsys):
     """Says how many inputs the fuzz tests tried (shown without ``-s``)."""
     with capsys.disabled():
