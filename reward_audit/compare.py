@@ -328,7 +328,7 @@ def _failing(
             difference=float(r.diff),
             verdict=Verdict(r.verdict),
             explanation=r.explanation,
-            agent_id=None if kind in (Kind.AGENT.value, Kind.EPISODE.value) else r.agent_id,
+            agent_id=None if kind in (Kind.AGENT.value, Kind.EPISODE.value) or pd.isna(r.agent_id) else r.agent_id,  # pandas' NaN: no agent
         )
         for r in rows.head(max_evidence).itertuples(index=False)
     )

@@ -322,10 +322,11 @@ def per_call_windows(g2: np.ndarray, n_series: int, runner: np.ndarray, call: np
     with np.errstate(invalid="ignore", divide="ignore"):
         r_mean, t_mean = np.bincount(g, weights=v, minlength=G1) / n, np.bincount(g, weights=t, minlength=G1) / n
     r_min, r_max, t_min, t_max = np.full(G1, np.inf), np.full(G1, -np.inf), np.full(G1, np.inf), np.full(G1, -np.inf)
-    np.minimum.at(r_min, g, v)
-    np.maximum.at(r_max, g, v)
-    np.minimum.at(t_min, g, t)
-    np.maximum.at(t_max, g, t)
+    with np.errstate(invalid="ignore"):  # a NaN reported value propagates, without a RuntimeWarning on stderr
+        np.minimum.at(r_min, g, v)
+        np.maximum.at(r_max, g, v)
+        np.minimum.at(t_min, g, t)
+        np.maximum.at(t_max, g, t)
     if per_call is not None:  # async sampling: the rebuild re-assigns calls to iterations
         first = np.zeros(G1, np.int64)
         first[g1[::-1]] = np.arange(len(g1))[::-1]
@@ -340,7 +341,8 @@ def per_call_windows(g2: np.ndarray, n_series: int, runner: np.ndarray, call: np
         out = {"r_mean": np.bincount(h, weights=r_mean[has], minlength=G2) / m, "t_mean": np.bincount(h, weights=t_mean[has], minlength=G2) / m}
     for name, src, ufunc, init in (("r_min", r_min, np.minimum, np.inf), ("r_max", r_max, np.maximum, -np.inf), ("t_min", t_min, np.minimum, np.inf), ("t_max", t_max, np.maximum, -np.inf)):
         acc = np.full(G2, init)
-        ufunc.at(acc, h, src[has])
+        with np.errstate(invalid="ignore"):
+            ufunc.at(acc, h, src[has])
         out[name] = np.where(m > 0, acc, np.nan)
     return out
 

@@ -215,6 +215,8 @@ class Run:
             try:
                 with self.filesystem.open_input_file(part.path) as f:
                     data = pq.read_table(f)
+                data.validate(full=True)  # a damaged page can hold invalid UTF-8
+                check_required(table, data, part.path)
                 for column in expected.names:  # schema-1 parts: the columns added since are null
                     if column not in data.column_names:
                         data = data.append_column(column, pa.nulls(data.num_rows, expected.field(column).type))
@@ -234,6 +236,17 @@ class Run:
     @cached_property
     def iterations(self) -> pd.DataFrame:
         return self.read("reported_iterations").to_pandas()
+
+
+def check_required(table: str, data: pa.Table, file: str) -> None:
+    """Refuse nulls in a column the schema declares non-nullable (``_inspect`` checks types
+    from the footer; nulls show only in the data)."""
+    for f in schema.TABLES[table]:
+        if not f.nullable and f.name in data.column_names and data.column(f.name).null_count:
+            raise InvalidDataError(
+                f"{file}: column `{f.name}` has {data.column(f.name).null_count} null values, expected none; "
+                "the file was not written by reward_audit, re-record the run"
+            )
 
 
 DAMAGED_FIX = "the file is damaged — delete it to audit the rest (its rows will be missing), or re-record the run"
@@ -539,7 +552,7 @@ def _inspect(fs: pafs.FileSystem, file: str, name: str) -> Part:
         with fs.open_input_file(file) as f:
             meta = pq.ParquetFile(f).metadata
             arrow_schema = meta.schema.to_arrow_schema()
-    except (pa.ArrowException, OSError) as e:
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as e:  # a column name that is not UTF-8: a damaged footer
         raise CorruptRunError(f"{file}: unreadable Parquet ({str(e).splitlines()[0]}); {DAMAGED_FIX}") from e
     version = (arrow_schema.metadata or {}).get(_VERSION_KEY)
     if version not in {str(v).encode() for v in schema.READABLE_SCHEMA_VERSIONS}:

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from . import schema
 from .errors import CorruptRunError, InvalidDataError
 from .schema import Kind, Semantics
-from .store import DAMAGED_FIX, Part, Run
+from .store import DAMAGED_FIX, Part, Run, check_required
 
 KINDS = [Kind.AGENT.value, Kind.MODULE.value, Kind.POLICY.value, Kind.EPISODE.value]  # codes 0..3; 4 = any other kind
 AGENT, MODULE, POLICY, EPISODE, OTHER = range(5)
@@ -27,6 +27,7 @@ RAW_COLUMNS = ["phase", "runner_id", "episode_id", "agent_id", "chunk_seq", "mod
 REP_COLUMNS = ["phase", "runner_id", "episode_id", "kind", "agent_id", "module_id", "value", "semantics", "metrics_call", "iteration"]
 _STRINGS = {"phase", "runner_id", "episode_id", "agent_id", "module_id", "kind", "semantics"}
 _DICT = pa.dictionary(pa.int32(), pa.string())
+MAX_CHUNK_SEQ = 2**32 - 1  # sample() calls per runner; larger values would overflow the packed integer keys of tally
 _CANONICAL = {f.name: f.type for table in (schema.RAW_REWARDS, schema.REPORTED_EPISODES) for f in table}
 
 
@@ -89,7 +90,7 @@ class KeyMap:
 # --------------------------------------------------------------------------- 1. read
 
 
-def _read_parts(run: Run, parts: list[Part], columns: list[str], a: int, b: int, with_ord: dict | None) -> tuple[pa.Table, np.ndarray, list[str]]:
+def _read_parts(run: Run, table: str, parts: list[Part], columns: list[str], a: int, b: int, with_ord: dict | None) -> tuple[pa.Table, np.ndarray, list[str]]:
     tables, files, file_of = [], [], []
     strings = [c for c in columns if c in _STRINGS]
     for part in parts:
@@ -109,8 +110,11 @@ def _read_parts(run: Run, parts: list[Part], columns: list[str], a: int, b: int,
             for c in absent:
                 t = t.append_column(c, pa.nulls(t.num_rows, schema.RAW_REWARDS.field(c).type))
             t = t.select(columns + (["ord"] if "ord" in t.column_names else []))
+            for c in strings:  # a damaged page can hold invalid UTF-8 or dictionary indices out of range
+                t.column(c).validate(full=True)
         except (pa.ArrowInvalid, OSError) as e:
             raise CorruptRunError(f"{part.path}: unreadable Parquet ({str(e).splitlines()[0]}); {DAMAGED_FIX}") from e
+        check_required(table, t, part.path)
         rownum = None
         if len(wanted) < len(part.groups):  # row numbers within the file
             rownum = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in wanted]) if wanted else np.zeros(0, np.int64)
@@ -180,7 +184,7 @@ def read_window(
     w = Window()
     w.unknown = {}
     w.duplicates = []  # (table, rows dropped, files): identical copies, de-duplicated
-    raw, w.raw_file, w.raw_files = _read_parts(run, raw_parts, RAW_COLUMNS, a, b, None)
+    raw, w.raw_file, w.raw_files = _read_parts(run, "raw_rewards", raw_parts, RAW_COLUMNS, a, b, None)
     fresh_files = len(w.raw_files)  # rows from files read now; carried rows were counted before
     if carried is not None and carried.num_rows:
         carried_files = carried.column("file").to_numpy(zero_copy_only=False)
@@ -190,7 +194,7 @@ def read_window(
         w.raw_files += names
         w.raw_file = np.concatenate([w.raw_file, offset + np.searchsorted(names, carried_files)]).astype(np.int32)
         raw = carried if raw is None else pa.concat_tables([raw, carried.cast(raw.schema)])
-    rep, w.rep_file, w.rep_files = _read_parts(run, rep_parts, REP_COLUMNS, a, b, rep_index)
+    rep, w.rep_file, w.rep_files = _read_parts(run, "reported_episodes", rep_parts, REP_COLUMNS, a, b, rep_index)
     w.rows_read = (raw.num_rows if raw is not None else 0) + (rep.num_rows if rep is not None else 0)
     if rep is not None:  # values this reward_audit cannot rebuild are counted, not compared
         (sem,), values = codes(rep.column("semantics"))
@@ -313,9 +317,12 @@ def _encode(w: Window, raw: pa.Table | None, rep: pa.Table | None) -> None:
     w.call = num(rep, "metrics_call", np.int64)
     w.p_iteration = num(rep, "iteration", np.int64)
     w.ord = num(rep, "ord", np.int64)
-    if len(w.chunk) and w.chunk.min() < 0:
-        i = int(np.argmin(w.chunk))
-        raise InvalidDataError(f"{w.raw_files[w.raw_file[i]]}: negative `chunk_seq` {w.chunk[i]} (episode {w.episodes[w.r_episode[i]]}); the file was not written by reward_audit — re-record the run")
+    if len(w.chunk) and (w.chunk.min() < 0 or w.chunk.max() > MAX_CHUNK_SEQ):
+        i = int(np.argmin(w.chunk)) if w.chunk.min() < 0 else int(np.argmax(w.chunk))
+        raise InvalidDataError(
+            f"{w.raw_files[w.raw_file[i]]}: `chunk_seq` {w.chunk[i]} (episode {w.episodes[w.r_episode[i]]}), expected 0 to 2^32 − 1 "
+            "(a runner's `sample()` call number); the file was not written by reward_audit — re-record the run"
+        )
     bad = ~(np.isfinite(w.reward) & np.isfinite(w.pre))
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
