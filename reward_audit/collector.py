@@ -94,13 +94,11 @@ class Collector:
             manifest["created_at"] = previous.get("created_at", manifest["created_at"])
             self.failures_before = int(previous.get("capture_failures") or 0)
             self.driver_failures = int(previous.get("driver_failures") or 0)
-            segments.append({**segment, "first_iteration": last + 1, "reason": "reopened"})
+            segments.append({**segment, "first_iteration": last + 1, "last_iteration": None, "reason": "reopened"})
             logger.warning("reward_audit: %s already holds this trial's run; reopened it (segment %d from iteration %d)", self.location, len(segments), first_training)
         else:
             self.failures_before = self.driver_failures = 0
-            segments = [{**segment, "first_iteration": 1, "reason": "start"}]
-            if first_training != 1:  # restored from a checkpoint into a fresh folder
-                segments[0]["reason"] = "reopened"
+            segments = [{**segment, "first_iteration": 1, "last_iteration": None, "reason": "start"}]
         self.iteration = segments[-1]["first_iteration"] - 1  # the audit's count of train() results
         self.training_iteration = first_training - 1
         manifest["segments"] = segments
@@ -122,6 +120,10 @@ class Collector:
         self.iteration += 1
         self.training_iteration = training_iteration
         segment = self.manifest["segments"][-1]
+        if segment.get("last_iteration") is None:  # its first result: Tune restores a checkpoint after on_algorithm_init
+            segment["first_training_iteration"] = training_iteration
+            if segment["reason"] == "start" and training_iteration != 1:
+                segment["reason"] = "reopened"  # restored from a checkpoint into a fresh folder
         segment["last_iteration"], segment["last_training_iteration"] = self.iteration, training_iteration
         return self.iteration
 

@@ -359,3 +359,24 @@ def test_notes_reach_every_report_format(tmp_path):
     assert f"note: {note}" in render_text(audit)
     assert "### Notes" in render_markdown(audit) and "appeared twice, identical copies" in render_markdown(audit)
     assert "<h3>Notes</h3>" in render_html(audit) and "appeared twice, identical copies" in render_html(audit)
+
+
+def test_a_tune_restore_numbers_the_segment_from_its_first_result(tmp_path):
+    # Tune builds the algorithm (on_algorithm_init at iteration 0), then loads the checkpoint:
+    # the segment's RLlib iteration is the first result's, not the one seen at init.
+    algorithm, collector = run_folder(tmp_path)
+    for _ in range(2):
+        algorithm.runners[0].play([{"a": 1.0, "b": 10.0}])
+        train(collector, algorithm)
+    restored = FakeAlgorithm(str(tmp_path / "trial"))
+    again = Collector(FakeAdapter(), restored, None)  # iteration 0 at init
+    restored.iteration = 1  # then the checkpoint of iteration 1 is loaded
+    restored.runners[0].play([{"a": 1.0, "b": 10.0}])
+    assert train(again, restored) == 3
+    with open(tmp_path / "trial/reward_audit/run.json") as f:
+        segments = json.load(f)["segments"]
+    assert [(s["reason"], s["first_iteration"], s["first_training_iteration"], s["last_training_iteration"]) for s in segments] == [
+        ("start", 1, 1, 2),
+        ("reopened", 3, 2, 2),
+    ]
+    assert compare(str(tmp_path / "trial")).ok
