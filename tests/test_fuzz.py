@@ -78,8 +78,13 @@ class Base:
         return f"Base({self.name!r}, exit {self.exit_code})"
 
 
+
+def _findings(stdout: str) -> list[dict]:
+    """Every finding of a `--format json` document (one document, a section per run)."""
+    return [f for run in json.loads(stdout)["runs"] for f in run["findings"]]
+
 def _verdicts(stdout: str) -> tuple:
-    return tuple(sorted((d["phase"], d["kind"], d["key"], d["verdict"], d["episodes"]) for d in json.loads(stdout)))
+    return tuple(sorted((d["phase"], d["kind"], d["key"], d["verdict"], d["episodes"]) for d in _findings(stdout)))
 
 
 def _reported(run: str) -> frozenset:
@@ -623,7 +628,7 @@ def test_a_deleted_raw_part_gives_valid_json(tmp_path):
     os.unlink(first)
     result = CliRunner().invoke(main, ["compare", trial, "--json"])
     assert result.exit_code == 1, result.output
-    modules = [d for d in json.loads(result.stdout) if d["kind"] == "module" and d["evidence"]]
+    modules = [d for d in _findings(result.stdout) if d["kind"] == "module" and d["evidence"]]
     assert modules and all(e["agent_id"] is None for d in modules for e in d["evidence"])
 
 
