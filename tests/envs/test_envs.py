@@ -219,7 +219,18 @@ CASES = [
         fault="drop", caught=_fault_keys(Verdict.DROP, [("module", "main"), ("module", "opponent")]),
     ),
     Case(
-        "rllib-two_step_game-grouped", lambda: rllib_example("TwoStepGameWithGroupedAgents"), {}, ("shared",), map_all_shared, stack="old",
+        "rllib-two_step_game-grouped-old_stack", lambda: rllib_example("TwoStepGameWithGroupedAgents"), {}, ("shared",), map_all_shared, stack="old",
+    ),
+    Case(
+        # The new stack needs FlattenObservations for the group's Tuple observation (RLlib's
+        # two_step_game_with_grouped_agents.py; without it: "No default encoder config for obs
+        # space=Tuple(Discrete(6), Discrete(6))"). One agent, one module: neither a leak nor a
+        # drop has anything to move, so the self-test uses `mismatch`.
+        "rllib-two_step_game-grouped", lambda: rllib_example("TwoStepGameWithGroupedAgents"), {}, ("shared",), map_all_shared, flatten=True,
+        fault="mismatch", caught=_fault_keys(Verdict.MISMATCH, [("module", "shared")]),
+    ),
+    Case(
+        "rllib-two_step_game", lambda: rllib_example("TwoStepGame"), {}, ("p_0", "p_1"), map_by_id, stack="old",
         why="the 2.60 new stack cannot build it (TypeError: 'Discrete' object is not iterable), with or without the audit",
     ),
     Case(
