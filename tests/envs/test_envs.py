@@ -114,7 +114,7 @@ def map_player_index(agent_id: Any, episode: Any = None, **kwargs: Any) -> str:
 
 
 def map_tag_teams(agent_id: Any, episode: Any = None, **kwargs: Any) -> str:
-    """simple_tag: the three adversaries share ``adversary``; the good agent plays ``good``."""
+    """simple_tag: the adversaries share ``adversary``, the good agents ``good``."""
     return "adversary" if str(agent_id).startswith("adversary") else "good"
 
 
@@ -138,6 +138,7 @@ class Case:
     fragment: int = 16
     fault: str | None = None  # injected in test_injected_fault_is_caught (new stack only)
     caught: dict = field(default_factory=dict)  # (phase, kind, key) -> the verdict the fault must get
+    caught_all: bool = True  # False: at least one of ``caught`` (seats drawn per episode may spare one)
     warnings: frozenset = frozenset({Verdict.INCOMPLETE})
     flatten: bool = False  # FlattenObservations (Dict / Discrete observations)
     configure: Callable[[Any], Any] | None = None  # anything else the game's RLlib example sets
@@ -216,7 +217,8 @@ CASES = [
     Case(
         "rllib-tic_tac_toe-seats_per_episode", lambda: rllib_example("TicTacToe"), {}, ("main", "opponent"), seats_per_episode,
         iterations=3, warnings=TURN_BASED,
-        fault="drop", caught=_fault_keys(Verdict.DROP, [("module", "main"), ("module", "opponent")]),
+        # A drop needs both players on one module: about a quarter of the episodes, per module.
+        fault="drop", caught=_fault_keys(Verdict.DROP, [("module", "main"), ("module", "opponent")]), caught_all=False,
     ),
     Case(
         "rllib-two_step_game-grouped-old_stack", lambda: rllib_example("TwoStepGameWithGroupedAgents"), {}, ("shared",), map_all_shared, stack="old",
@@ -271,9 +273,12 @@ CASES = [
         fault="drop", caught=_fault_keys(Verdict.DROP, [("module", "shared")]),
     ),
     Case(
-        "mpe2-simple_tag_v3-teams", lambda: mpe2_parallel("simple_tag_v3", max_cycles=25, continuous_actions=False), {}, ("adversary", "good"), map_tag_teams,
+        "mpe2-simple_tag_v3-teams", lambda: mpe2_parallel("simple_tag_v3", num_good=2, max_cycles=25, continuous_actions=False), {}, ("adversary", "good"), map_tag_teams,
         iterations=3,
-        fault="drop", caught=_fault_keys(Verdict.DROP, [("module", "adversary")]),
+        # Two good agents (default 1), so both modules are shared: adversaries are paid only on
+        # a collision, which a final chunk often lacks; good agents also pay for leaving the
+        # field. A drop shows wherever a final chunk paid something.
+        fault="drop", caught=_fault_keys(Verdict.DROP, [("module", "adversary"), ("module", "good")]), caught_all=False,
     ),
 ]
 
@@ -305,13 +310,12 @@ def test_audit_is_clean(case: Case, tmp_path):
     out = str(tmp_path / "out")
     train(build(case, out, None), case.iterations)
     audit = compare(out, max_evidence=1000)
-    bad = failing(audit)
-    if case.rllib_drops:
-        bad = [f for f in bad if f not in rllib_lost_rewards(bad)]
+    rllib_drops = rllib_lost_rewards(failing(audit)) if case.rllib_drops else []
+    bad = [f for f in failing(audit) if f not in rllib_drops]
     assert not bad, "\n".join(f"{f}: {[(e.chunks, e.explanation) for e in f.evidence]}" for f in bad)
     unexpected = [str(f) for f in audit.findings if f.verdict.warning and f.verdict not in case.warnings]
     assert not unexpected, "\n".join(unexpected)
-    compared = [f for f in audit.findings if f.verdict == Verdict.CLEAN and f.kind in ("module", "policy")]
+    compared = [f for f in audit.findings if f.kind in ("module", "policy") and (f.verdict == Verdict.CLEAN or f in rllib_drops)]
     assert compared and all(f.episodes >= 1 for f in compared), audit.findings
 
 
@@ -325,8 +329,8 @@ def test_injected_fault_is_caught(case: Case, tmp_path):
     audit = compare(out, max_evidence=1000)
     assert not audit.ok
     got = {(f.phase, f.kind, f.key): f for f in audit.findings}
-    for key, verdict in case.caught.items():
-        assert key in got and got[key].verdict == verdict, (key, verdict, got.get(key))
+    hits = [key for key, verdict in case.caught.items() if key in got and got[key].verdict == verdict]
+    assert hits if not case.caught_all else len(hits) == len(case.caught), (case.caught, got)
     for f in failing(audit):
         if case.rllib_drops and f in rllib_lost_rewards([f]):
             continue
