@@ -56,6 +56,28 @@ $(VERSION_TESTS): test-ray-%: .venv-ray%/.installed
 
 test-versions: $(VERSION_TESTS)
 
+# ---------------------------------------------------------------- real games
+# `make test-envs`: tests/envs/ — RLlib's own multi-agent example envs, OpenSpiel, PettingZoo
+# and mpe2 games under tiny PPO runs (docs/tested_environments.md) — in its own virtualenv
+# $(ENVS_VENV) with the `envs` extra (built once; rebuilt when pyproject.toml changes).
+ENVS_VENV ?= .venv-envs
+ENVS_STAMP := $(ENVS_VENV)/.installed
+.PHONY: test-envs
+
+$(ENVS_STAMP): pyproject.toml
+	@start=$$(date +%s); \
+	$(PY) -m venv $(ENVS_VENV) && \
+	$(ENVS_VENV)/bin/pip install -q "$(TORCH)" "ray[rllib]==$(RAY_VERSION)" && \
+	$(ENVS_VENV)/bin/pip install -q -e ".[test,envs]" && \
+	echo "== $(ENVS_VENV): install took $$(( $$(date +%s) - start )) s"
+	touch $@
+
+test-envs: $(ENVS_STAMP)
+	@start=$$(date +%s); rc=0; \
+	$(ENVS_VENV)/bin/python -m pytest -q -rs -p no:cacheprovider --durations=5 tests/envs/ $(PYTEST_ARGS) || rc=$$?; \
+	echo "== test-envs: tests took $$(( $$(date +%s) - start )) s (pytest exit $$rc)"; \
+	exit $$rc
+
 docs: $(STAMP)
 	$(VENV)/bin/python -m reward_audit.docsgen
 

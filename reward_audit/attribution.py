@@ -92,8 +92,13 @@ def explain(difference: float, features: pd.DataFrame, own: set[str], tol: float
             return "MISMATCH", text + " (a shortfall: other agents' negative rewards, not called a leak)"
         return ("LEAK" if leak else "DROP"), text
 
-    verdict, text = describe(best[0])
-    others = {describe(c)[1] for c in best[1:]} - {text}
+    # Among equally small explanations: DROP, then LEAK, then MISMATCH. In a zero-sum game
+    # "− own final chunk" and "+ the other's final chunk" are the same number; that an agent's
+    # own reward went missing is the smaller claim (RLlib 2.60 loses terminal rewards across
+    # cut(), ray-project/ray#44677), and the alternatives are listed.
+    stories = [describe(c) for c in best]
+    verdict, text = min(stories, key=lambda s: ("DROP", "LEAK", "MISMATCH").index(s[0]))
+    others = {t for _, t in stories} - {text}
     if others:
         text += f"; equally explained by {len(others)} other combination(s), e.g. {sorted(others)[0][len('reported = truth '):]}"
     return verdict, text

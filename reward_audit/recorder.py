@@ -6,13 +6,21 @@ The capture adapters (``capture/``) feed it; the driver drains it once per itera
 
 Attributing tapped rewards to episodes (docs/ray_versions.md):
 
-* the tap adds each ``step()``'s rewards to ``pending[env_index]``;
+* the tap adds each ``step()``'s rewards to ``pending[env_index]``, except a reward paid
+  to an agent that is not in that step's observations (a turn-based game pays the waiting
+  player): it is held in ``waiting[env_index]`` until the agent's next observation, its
+  own ``terminated`` / ``truncated`` or ``__all__`` (then into ``pending``), because RLlib
+  books it there — possibly in a later chunk than the ``step()`` that paid it (2.60
+  ``MultiAgentEpisode.add_env_step``: ``_hanging_rewards_end``, carried into the successor by
+  ``cut()``; the old stack's ``_MultiAgentEnvState.last_rewards`` likewise);
 * ``on_episode_step`` / ``on_episode_end`` for that index move ``pending`` into the episode
   they receive;
-* if ``on_episode_created`` / ``on_episode_start`` arrives while ``pending`` is not empty,
-  those rewards belong to the previous episode on that index (an abandoned tail);
+* if ``on_episode_created`` / ``on_episode_start`` arrives while ``pending`` (or ``waiting``)
+  is not empty, those rewards belong to the previous episode on that index (an abandoned
+  tail); a reset or the episode's end releases ``waiting`` into ``pending`` as well;
 * ``on_sample_end`` moves whatever is left into the current episode of each index, then
-  turns every episode touched in this ``sample()`` call into chunk rows.
+  turns every episode touched in this ``sample()`` call into chunk rows; ``waiting`` stays.
+Only the chunk a reward is filed in depends on ``waiting``: an episode's sums do not.
 
 A reward is *pre-observation* if the agent was not in the reset observation nor in any
 observation returned before that step (RLlib never counts those: docs/ray_versions.md).
@@ -122,6 +130,11 @@ class _Episode:
         self.source: Any = None  # the RLlib episode object, to read the mapping lazily
 
 
+def _done(flags: Any) -> set:
+    """The agent ids (and ``__all__``) a ``terminateds`` / ``truncateds`` dict marks done."""
+    return {aid for aid, flag in flags.items() if flag} if isinstance(flags, dict) else set()
+
+
 def _merge(into: dict[AgentId, Acc], other: dict[AgentId, Acc]) -> None:
     for aid, b in other.items():
         a = into.get(aid)
@@ -148,6 +161,7 @@ class RunnerRecorder:
         self._lock = threading.Lock()
         self._pending: dict[int, dict[AgentId, Acc]] = {}
         self._observed: dict[int, set] = {}
+        self._waiting: dict[int, dict[AgentId, Acc]] = {}  # paid while the agent waited (see module doc)
         self._current: dict[int, _Episode] = {}
         self._touched: dict[str, _Episode] = {}
         self.sample_seq = 0
@@ -170,28 +184,45 @@ class RunnerRecorder:
     # ------------------------------------------------------------------ the tap
 
     def tap_reset(self, env_index: int, obs: Any) -> None:
+        self._release_waiting(env_index)  # the previous episode's; a reset ends it
         self._observed[env_index] = set(obs.keys()) if isinstance(obs, dict) else set()
 
-    def tap_step(self, env_index: int, obs: Any, rewards: Any) -> None:
+    def tap_step(self, env_index: int, obs: Any, rewards: Any, terminateds: Any = None, truncateds: Any = None) -> None:
         observed = self._observed.setdefault(env_index, set())
         pending = self._pending.setdefault(env_index, {})
+        waiting = self._waiting.setdefault(env_index, {})
+        sees = obs if isinstance(obs, dict) else {}
         for aid, value in rewards.items():
             r = float(value)
-            a = pending.get(aid)
+            pre = aid not in observed
+            # Paid while the agent waits: RLlib books it with the agent's next observation.
+            into = waiting if not pre and aid not in sees else pending
+            a = into.get(aid)
             if a is None:
-                a = pending[aid] = _new_acc()
+                a = into[aid] = _new_acc()
             _add(a, 0, 4, r)
             a[1] += 1
             a[5] += abs(r)
             if type(value) is not float:
                 a[6] = min(a[6], _bits(value))
-            if aid not in observed:
+            if pre:
                 _add(a, 2, 7, r)
                 a[3] += 1
             elif self.clip is not None:
                 _add(a, 8, 9, self.clip(r))
-        if isinstance(obs, dict):
-            observed.update(obs.keys())
+        if waiting:
+            done = _done(terminateds) | _done(truncateds)
+            for aid in [aid for aid in waiting if aid in sees or aid in done or "__all__" in done]:
+                _merge(pending, {aid: waiting.pop(aid)})
+        if sees:
+            observed.update(sees.keys())
+
+    def _release_waiting(self, env_index: int) -> None:
+        """The episode on ``env_index`` ends: what its agents were paid while waiting is its own."""
+        waiting = self._waiting.get(env_index)
+        if waiting:
+            _merge(self._pending.setdefault(env_index, {}), waiting)
+            waiting.clear()
 
     # ------------------------------------------------------------------ episode hooks
 
@@ -219,6 +250,7 @@ class RunnerRecorder:
         """``on_episode_created`` / ``on_episode_start``: leftover rewards are the previous episode's tail."""
         previous = self._current.get(env_index)
         if previous is not None and previous.episode_id != episode_id:
+            self._release_waiting(env_index)
             self._flush_pending(env_index, previous)
         self._state(episode_id, env_index, source)
 
@@ -227,6 +259,7 @@ class RunnerRecorder:
 
     def episode_ends(self, episode_id: str, env_index: int, source: Any, mapping: dict | None = None) -> None:
         state = self._state(episode_id, env_index, source)
+        self._release_waiting(env_index)
         self._flush_pending(env_index, state)
         state.done = True
         self._touched[episode_id] = state

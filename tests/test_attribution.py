@@ -29,6 +29,19 @@ def test_explain_reports_ambiguity():
     assert "equally explained by 1 other combination" in text
 
 
+def test_explain_prefers_a_clean_story_in_a_zero_sum_game():
+    # RLlib lost a's terminal +1 (connect four, ray-project/ray#44677): "− a's final chunk" and
+    # "+ b's final chunk (−1)" are the same number; the DROP is named, the shortfall listed.
+    f = feats(a=(0.0, 1.0), b=(0.0, -1.0))
+    verdict, text = explain(-1.0, f, {"a"}, 1e-9)
+    assert verdict == "DROP" and text.startswith("reported = truth − agent a's final-chunk rewards (1)")
+    assert "equally explained by 1 other combination(s), e.g. + agent b's final-chunk rewards (-1) (a shortfall" in text
+    # a's −1 lost: "+ b's +1" would be a LEAK; the DROP of a's own reward is named first.
+    f = feats(a=(0.0, -1.0), b=(0.0, 1.0))
+    verdict, text = explain(1.0, f, {"a"}, 1e-9)
+    assert verdict == "DROP" and "e.g. + agent b's final-chunk rewards (+1)" in text
+
+
 def simulate(pattern, n=40, seed=0):
     """Episodes with random per-chunk rewards for agents a (own) and b (other)."""
     rng = np.random.default_rng(seed)

@@ -108,3 +108,45 @@ def test_a_failing_driver_hook_is_counted_in_the_manifest(tmp_path, monkeypatch)
     audit = compare(out)
     [capture] = [f for f in audit.findings if f.key == "capture"]
     assert capture.verdict is Verdict.UNVERIFIED and "1 capture failure (1 on the driver)" in capture.message
+
+
+def _ttt_seats(agent_id, episode=None, **kwargs):
+    """TicTacToe seats drawn per episode: player1 plays main or opponent, player2 the other."""
+    import zlib
+
+    flip = zlib.crc32(str(getattr(episode, "id_", "")).encode()) % 2
+    return "main" if (agent_id == "player1") != bool(flip) else "opponent"
+
+
+def test_a_leak_in_a_turn_based_game_is_explained_by_the_chunk_rllib_booked_it_in(tmp_path):
+    # RLlib books a reward paid while a player waits (TicTacToe's −0.5 for an occupied field
+    # is paid after the move, the player observes again a move later) with that player's next
+    # observation, which can be in the next chunk. The recorder books it there too, so each
+    # leaked value is exactly the other player's earlier chunks as RLlib cut them. (Before:
+    # "difference −2 is not a sum of any agents' earlier/final-chunk rewards".)
+    from ray.rllib.examples.envs.classes.multi_agent.tic_tac_toe import TicTacToe
+
+    from reward_audit import RewardAuditCallback
+
+    out = str(tmp_path / "out")
+    callback = RewardAuditCallback.configured(out, inject_fault="leak")
+    config = new_stack_ppo_config(TicTacToe, {}, ["main", "opponent"], _ttt_seats, out, callback=callback).debugging(seed=0)
+    algo = config.build_algo()
+    try:
+        for _ in range(3):
+            algo.train()
+    finally:
+        algo.stop()
+    audit = compare(out, max_evidence=1000)
+    wrong = [e for f in audit.findings if f.verdict.failing for e in f.evidence]
+    assert len(wrong) >= 5 and {f.verdict for f in audit.findings if f.verdict.failing} == {Verdict.MISMATCH}
+    for e in wrong:
+        assert "earlier-chunk rewards" in e.explanation and "not a sum" not in e.explanation, e
+        assert "misses its own" not in e.explanation, e
+    # TicTacToe's earlier chunks hold only penalties: the leak is negative, a shortfall,
+    # which the audit names MISMATCH, never LEAK (tests/test_fail_closed.py).
+    players = [f for f in audit.findings if f.kind == "agent" and f.verdict.failing]
+    assert {f.key for f in players} == {"player1", "player2"}
+    for f in players:
+        other = "player2" if f.key == "player1" else "player1"
+        assert all(f"+ agent {other}'s earlier-chunk rewards" in e.explanation for e in f.evidence), f

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 
 from reward_audit.capture.base import install_tap
 from reward_audit.recorder import RunnerRecorder
@@ -31,13 +32,89 @@ def test_turn_based_pre_observation_rewards():
     rec.tap_step(0, {"b": 1}, {"w": 1.0, "b": -0.5})  # b paid with its first obs -> pre-obs
     rec.episode_step("e", 0, ep)
     rec.tap_step(0, {"w": 1}, {"b": 1.0, "w": -0.5})
-    rec.episode_step("e", 0, ep)
+    rec.episode_ends("e", 0, ep)
     rec.sample_ends()
     df = rows(rec).set_index("agent_id")
     assert df.loc["b", "reward"] == 0.5 and df.loc["b", "pre_obs_reward"] == -0.5 and df.loc["b", "n_pre_obs"] == 1
     assert df.loc["w", "reward"] == 0.5 and df.loc["w", "pre_obs_reward"] == 0.0
     assert set(df["module_id"]) == {"p"}
-    assert not df["episode_done"].any()
+    assert df["episode_done"].all()
+
+
+def chunk_rows(steps, cut_after):
+    """Replay ``(obs, rewards, terminateds)`` steps of episode "e" (reset observes ``w``),
+    ending ``sample()`` after the steps listed in ``cut_after``: ``{(chunk, agent): reward}``."""
+    rec = recorder()
+    ep = FakeEpisode("e", {"w": "pw", "b": "pb"})
+    rec.episode_begins("e", 0, ep)
+    rec.tap_reset(0, {"w": 0})
+    for i, (obs, rewards, terminateds) in enumerate(steps):
+        rec.tap_step(0, obs, rewards, terminateds, {})
+        rec.episode_step("e", 0, ep) if not terminateds.get("__all__") else rec.episode_ends("e", 0, ep)
+        if i in cut_after:
+            rec.sample_ends()
+    rec.sample_ends()
+    df = rows(rec)
+    return {(int(c), a): r for c, a, r in zip(df["chunk_seq"], df["agent_id"], df["reward"])}
+
+
+# RLlib books a reward paid while an agent waits (not in that step's observations) with the
+# agent's next observation, its own done flag or the episode's end — in a later chunk if a
+# sample() ends in between (2.60 MultiAgentEpisode._hanging_rewards_end, cut()). Rows per
+# (chunk, agent); every case's per-agent totals are the same: only the chunk moves.
+@pytest.mark.parametrize(
+    "steps, cut_after, expected",
+    [
+        pytest.param(  # w is paid -0.5 for its move, then waits; b moves; cut; w observes
+            [({"b": 0}, {"w": -0.5}, {}), ({"w": 0}, {"b": 0.0}, {}), ({"b": 0, "w": 0}, {"w": 1.0, "b": -1.0}, {"__all__": True})],
+            {0},
+            {(1, "w"): 0.5, (1, "b"): -1.0},
+            id="waiting-reward-moves-to-the-chunk-of-the-next-observation",
+        ),
+        pytest.param(
+            [({"b": 0}, {"w": -0.5}, {}), ({"w": 0}, {"b": 0.0}, {}), ({"b": 0, "w": 0}, {"w": 1.0, "b": -1.0}, {"__all__": True})],
+            {1},
+            {(0, "w"): -0.5, (1, "w"): 1.0, (1, "b"): -1.0},
+            id="observed-before-the-cut-stays-in-that-chunk",
+        ),
+        pytest.param(  # w is done on its own (no observation): booked at that step
+            [({"b": 0}, {"w": 2.0}, {}), ({"b": 0}, {"w": 3.0}, {"w": True}), ({"b": 0}, {"b": 1.0}, {"__all__": True})],
+            {1},
+            {(0, "w"): 5.0, (1, "b"): 1.0},
+            id="own-done-flag-releases",
+        ),
+        pytest.param(  # the episode ends while w waits: booked at the end
+            [({"b": 0}, {"w": 2.0}, {}), ({"b": 0}, {"b": 1.0}, {})],
+            {0},
+            {(1, "b"): 1.0},
+            id="still-waiting-unbooked-until-observation-or-end",
+        ),
+    ],
+)
+def test_rewards_paid_while_waiting_are_booked_with_the_next_observation(steps, cut_after, expected):
+    assert chunk_rows(steps, cut_after) == expected
+
+
+def test_waiting_rewards_go_to_the_episode_that_ends_or_is_reset():
+    rec = recorder()
+    ep = FakeEpisode("e", {"w": "p", "b": "p"})
+    rec.episode_begins("e", 0, ep)
+    rec.tap_reset(0, {"w": 0})
+    rec.tap_step(0, {"b": 0}, {"w": 2.0, "b": 0.0}, {}, {})
+    rec.episode_step("e", 0, ep)
+    rec.sample_ends()
+    rec.tap_step(0, {"b": 0}, {"w": 3.0}, {}, {"__all__": True})  # truncated while w waits
+    rec.episode_ends("e", 0, ep)
+    rec.sample_ends()
+    new = FakeEpisode("n", {"w": "p", "b": "p"})
+    rec.tap_reset(0, {"w": 0})  # nothing waits across a reset
+    rec.episode_begins("n", 0, new)
+    rec.tap_step(0, {"w": 0}, {"w": 1.0}, {}, {})
+    rec.episode_step("n", 0, new)
+    rec.sample_ends()
+    df = rows(rec)
+    got = {(e, int(c), a): r for e, c, a, r in zip(df["episode_id"], df["chunk_seq"], df["agent_id"], df["reward"])}
+    assert got == {("e", 0, "b"): 0.0, ("e", 1, "w"): 5.0, ("n", 2, "w"): 1.0}
 
 
 def test_chunks_follow_sample_calls_and_done_flag():
@@ -206,9 +283,13 @@ def test_ray212_training_hook_order():
     # e1: steps 1, 2 in chunk 0; step 3 in chunk 1. b is first observed with step 1's obs,
     # so its step-1 reward is pre-observation; the reset of e2 starts a fresh observed set.
     assert sums.loc[("e1", "w")].tolist() == [6.0, 0.0] and sums.loc[("e1", "b")].tolist() == [60.0, 10.0]
-    assert sums.loc[("e2", "b")].tolist() == [10.0, 10.0] and sums.loc[("e2", "w")].tolist() == [1.0, 0.0]
+    assert sums.loc[("e2", "b")].tolist() == [10.0, 10.0]
+    # w was paid while b held the move: booked with w's next observation (e1: step 2, and
+    # at its end for step 3's reward; e2: not yet — w has not observed since).
+    assert ("e2", "w") not in sums.index
     e1w = df.loc[df.index == ("e1", "w")]
     assert e1w["chunk_seq"].tolist() == [0, 1] and e1w["episode_done"].tolist() == [False, True]
+    assert e1w["reward"].tolist() == [3.0, 3.0]
 
 
 def test_ray212_evaluation_hook_order_reset_before_created():

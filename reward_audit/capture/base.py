@@ -49,7 +49,8 @@ def install_tap(env: Any, recorder: RunnerRecorder, env_index: int) -> None:
     def step(*args: Any, **kwargs: Any) -> Any:
         result = original_step(*args, **kwargs)
         try:
-            target.recorder.tap_step(target.env_index, result[0], result[1])
+            # (obs, rewards, terminateds, truncateds, infos): the done flags release held rewards.
+            target.recorder.tap_step(target.env_index, *(result[:4] if len(result) == 5 else result[:2]))
         except Exception:
             target.recorder.failures += 1
             logger.exception("reward_audit: the reward tap failed on env %d; this step's rewards are NOT recorded", target.env_index)

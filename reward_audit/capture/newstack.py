@@ -21,6 +21,14 @@ Change log — what the numbers meant, per Ray version:
   ``get_metrics()`` / ``_log_episode_metrics(self, length, ret, sec, agents=None,
   modules=None, agent_steps=None)`` signatures (2.53.0 ``:621``, ``:1005``), verified by
   ``tests/versions/test_ray253.py``, which sees the bug as DROP.
+* Ray 2.60 (and every version with ``MultiAgentEpisode.cut()``): a reward paid to an agent
+  while it waits for its next observation is booked with that observation, possibly in a
+  later chunk (``_hanging_rewards_end``; the recorder books it the same way). When a
+  ``sample()`` ends while a player waits, ``cut()`` can lose that player's reward — its
+  terminal one if the last step observes nobody (OpenSpiel's ``OpenSpielEnv``). RLlib notes
+  lost single-agent steps at such cuts in ray-project/ray#44677. The audit shows DROP in
+  multi-chunk episodes; ``tests/envs/test_envs.py::test_rllib_loses_terminal_rewards_across_cut``
+  reproduces it without reward_audit (docs/tested_environments.md).
 * dashboards: ``env_runners/module_episode_returns_mean/<m>``, ``agent_episode_returns_mean/<a>``,
   ``episode_return_mean/min/max``; each runner logs with
   ``window = ceil(S / max(num_env_runners, 1))`` and every ``get_metrics()`` reduces and
