@@ -315,7 +315,7 @@ def compact_cmd(path: str) -> None:
     A long run leaves one part per iteration per table; after `compact` a 1,000-iteration
     run has a handful. Verdicts do not change; an interrupted `compact` is finished by the
     next one, and readers never count a row twice meanwhile."""
-    from .store import compact_run
+    from .compact import compact_run
 
     for table, (before, after) in compact_run(path).items():
         click.echo(f"{table}: {before} parts -> {after}")

@@ -36,7 +36,8 @@ from typing import Any, Iterable
 from .capture.base import Adapter, drain_runner
 from .live import LiveAudit
 from .schema import AUDIT_DIR_NAME, Phase
-from .store import RunWriter, resolve_filesystem
+from .store import RunWriter
+from .walk import resolve_filesystem
 
 logger = logging.getLogger("reward_audit")
 

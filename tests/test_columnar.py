@@ -18,7 +18,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "legacy"))
 import legacy_compare  # noqa: E402
 
 from reward_audit import Verdict, compare  # noqa: E402
-from reward_audit.store import compact_run, load_run  # noqa: E402
+from reward_audit.compact import compact_run  # noqa: E402
+from reward_audit.store import load_run  # noqa: E402
 from reward_audit.synthetic import generate_run  # noqa: E402
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures", "runs")
