@@ -32,6 +32,7 @@ import math
 from collections import deque
 from typing import Any
 
+from .recorder import rounding_bound
 from .schema import IterationSemantics as S
 from .schema import Kind
 
@@ -122,9 +123,9 @@ class LiveAudit:
                 agents = list(ep.agents)
             parts = [ep.agents[a] for a in agents if a in ep.agents]
             truth = sum(p[0] for p in parts)
-            # rounding_bound's formula, in Python floats (a numpy call per value costs 10 µs)
-            m = sum(p[1] for p in parts) + 2 * (sum(p[4] for p in parts) + len(parts)) + 4
-            bound = 1.01 * m * 2.0 ** -min([p[3] for p in parts] or [53]) * sum(p[2] for p in parts)
+            bound = rounding_bound(
+                sum(p[1] for p in parts), sum(p[2] for p in parts), min([p[3] for p in parts] or [53]), sum(p[4] for p in parts), len(parts)
+            )
             value = row["value"]
             key = agent if kind == Kind.AGENT.value else (module if kind in (Kind.MODULE.value, Kind.POLICY.value) else None)
             self.judged.append({**row, "truth": truth, "series": (row["phase"], kind, key)})
@@ -139,8 +140,8 @@ class LiveAudit:
         """The ``reward_audit`` entry of this iteration's result; ``iteration_rows`` are the
         dashboard numbers RLlib showed (``Adapter.iteration_rows``)."""
         truth: dict[str, Any] = {}
+        values = self._series_values()
         if self.model in ("per_call_window", "driver_history"):
-            values = self._series_values()
             for row in iteration_rows:
                 how = _REDUCE.get(row["semantics"])
                 series = values.get((row["phase"], row["kind"], row["key"]))
@@ -153,7 +154,7 @@ class LiveAudit:
                     for p in parents:
                         node = node.setdefault(p, {})
                     node[leaf] = reduced
-        self._advance()
+        self._advance(values)
         if self.failing and not self.warned:  # once, the first iteration something is wrong
             first, *more = self.failing.values()
             logger.warning(
@@ -169,6 +170,14 @@ class LiveAudit:
             out.setdefault(row["series"], []).append(row)
         return out
 
+    @staticmethod
+    def _per_episode(rows: list[dict]) -> list[list[float]]:
+        """A series' truths grouped by episode, in RLlib's order (the driver's history keeps episodes)."""
+        episodes: dict[tuple, list[float]] = {}
+        for r in rows:
+            episodes.setdefault((r["runner_id"], r["episode_id"]), []).append(r["truth"])
+        return list(episodes.values())
+
     def _reduce(self, phase: str, rows: list[dict], how: str, series: tuple) -> float | None:
         pick = {"mean": lambda xs: sum(xs) / len(xs), "min": min, "max": max}[how]
         if self.model == "per_call_window":
@@ -181,20 +190,15 @@ class LiveAudit:
         if phase == "evaluation":  # one evaluate() call's episodes
             return pick([r["truth"] for r in rows])
         # The driver's history: the last max(S, new) episodes (each with all its entries).
-        new: dict[str, list[float]] = {}
-        for r in rows:
-            new.setdefault((r["runner_id"], r["episode_id"]), []).append(r["truth"])
+        new = self._per_episode(rows)
         history = list(self.history.get(series, ()))
-        episodes = history[max(0, len(history) - max(0, self.S - len(new))):] + list(new.values()) if len(new) < self.S else list(new.values())
+        episodes = history[max(0, len(history) - max(0, self.S - len(new))):] + new if len(new) < self.S else new
         values = [x for ep in episodes for x in ep]
         return pick(values) if values else None
 
-    def _advance(self) -> None:
+    def _advance(self, values: dict[tuple, list[dict]]) -> None:
         if self.model == "driver_history":
-            for series, rows in self._series_values().items():
+            for series, rows in values.items():
                 if series[0] != "evaluation":
-                    new: dict[tuple, list[float]] = {}
-                    for r in rows:
-                        new.setdefault((r["runner_id"], r["episode_id"]), []).append(r["truth"])
-                    self.history.setdefault(series, deque(maxlen=self.S)).extend(new.values())
+                    self.history.setdefault(series, deque(maxlen=self.S)).extend(self._per_episode(rows))
         self.judged = []

@@ -91,17 +91,18 @@ def max_buffered_rows() -> int:
         return DEFAULT_MAX_BUFFERED_ROWS
 
 
-def rounding_bound(n: Any, abs_sum: Any, bits: Any, unknown: Any, chunks: Any, agents: Any) -> np.ndarray:
+def rounding_bound(n: Any, abs_sum: Any, bits: Any, chunks: Any, agents: Any, unknown: Any = None) -> Any:
     """The rounding bound of a sum of rewards done RLlib's way, from what the recorder keeps
     (``n_rewards``, Σ|r|, ``reward_bits``), less the part that depends on the truth; NaN
-    where Σ|r| is unknown. RLlib adds the n rewards one by one (per chunk, then chunk
+    where Σ|r| is ``unknown``. RLlib adds the n rewards one by one (per chunk, then chunk
     returns, then a module's agents) in the rewards' own precision, so with m = n + 2·(chunks
     + agents) + 4 additions and unit roundoff u = 2^-bits the error is at most
-    γ_m·Σ|r| ≈ 1.01·m·u·Σ|r| (Higham, *Accuracy and Stability of Numerical Algorithms*, §4.2)."""
-    m = np.asarray(n, np.float64) + 2 * (np.asarray(chunks, np.float64) + np.asarray(agents, np.float64)) + 4
-    out = 1.01 * m * np.exp2(-np.asarray(bits, np.float64)) * np.asarray(abs_sum, np.float64)
-    out = np.where(np.asarray(unknown, bool), np.nan, out)
-    return out
+    γ_m·Σ|r| ≈ 1.01·m·u·Σ|r| (Higham, *Accuracy and Stability of Numerical Algorithms*, §4.2).
+    Takes numpy arrays (``tally``) or Python numbers (``live``, one value at a time, where a
+    numpy call would cost more than the arithmetic)."""
+    m = n + 2 * (chunks + agents) + 4
+    out = 1.01 * m * 2.0 ** -bits * abs_sum
+    return out if unknown is None else np.where(unknown, np.nan, out)
 
 
 def _new_acc() -> Acc:

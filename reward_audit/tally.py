@@ -219,7 +219,7 @@ def _truth(w: Window) -> None:
     w.g_bits = np.full(G, 53, np.int64)
     if (w.r_bits != 53).any():
         np.minimum.at(w.g_bits, g, w.r_bits)
-    w.g_bound = rounding_bound(w.g_n, w.g_abs, w.g_bits, w.g_unknown, w.ep_chunks[w.g_eid], np.ones(G))
+    w.g_bound = rounding_bound(w.g_n, w.g_abs, w.g_bits, w.ep_chunks[w.g_eid], np.ones(G), unknown=w.g_unknown)
     w.g_pre = np.bincount(g, weights=w.pre, minlength=G)
     w.g_npre = np.bincount(g, weights=w.npre, minlength=G).astype(np.int64)
     w.g_final = np.bincount(g, weights=np.where(w.chunk == ep_max[w.r_eid], counted_row, 0.0), minlength=G)
@@ -299,9 +299,9 @@ def _combine(w: Window, group: np.ndarray, sel: np.ndarray, n: int, chunks: np.n
         np.bincount(group, weights=w.g_n[sel], minlength=n),
         np.bincount(group, weights=w.g_abs[sel], minlength=n),
         bits,
-        np.bincount(group, weights=w.g_unknown[sel], minlength=n) > 0,
         chunks,
         np.bincount(group, minlength=n).astype(np.float64),
+        unknown=np.bincount(group, weights=w.g_unknown[sel], minlength=n) > 0,
     )
 
 
