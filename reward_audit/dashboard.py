@@ -30,6 +30,7 @@ import pandas as pd
 from .errors import InvalidDataError
 from .results import manifest_paths, read_tune_results, same_number, tune_result_file
 from .schema import IterationSemantics, Kind
+from .store import drop_identical
 
 _REDUCERS = {
     IterationSemantics.MEAN_OF_EPISODE_SUMS.value: "mean",
@@ -117,19 +118,15 @@ def _unique_iterations(run) -> tuple[pd.DataFrame, list[str]]:
     """``run.iterations`` with identical copies of a row (a part copied) counted once; two
     different numbers for one (phase, iteration, path) are an error naming the files."""
     iterations = run.iterations
-    keys = ["phase", "iteration", "path"]
-    if iterations.empty or not iterations.duplicated(keys).any():
-        return iterations, []
-    distinct = iterations.drop_duplicates()
-    files = [p.path for p in run.parts.get("reported_iterations", ())]
-    if distinct.duplicated(keys).any():
-        r = distinct[distinct.duplicated(keys, keep=False)].iloc[0]
+    distinct, conflict = drop_identical(iterations, ["phase", "iteration", "path"])
+    if conflict is not None:
+        files = run.parts.get("reported_iterations", ())
         raise InvalidDataError(
-            f"{run.path}/reported_iterations/: iteration {r['iteration']} `{r['path']}` is recorded twice with different values; "
+            f"{run.path}/reported_iterations/: iteration {conflict['iteration']} `{conflict['path']}` is recorded twice with different values; "
             f"the folder mixes two runs' files ({len(files)} parts) — keep the original run's files and delete the others"
         )
     n = len(iterations) - len(distinct)
-    return distinct.reset_index(drop=True), [f"reported_iterations: {n} rows appeared twice, identical copies; each counted once"]
+    return distinct, [f"reported_iterations: {n} rows appeared twice, identical copies; each counted once"] if n else []
 
 
 _COLUMNS = {"mean": ("r_mean", "t_mean"), "min": ("r_min", "t_min"), "max": ("r_max", "t_max")}

@@ -23,7 +23,7 @@ import pandas as pd
 from .audit import Finding, Verdict, plural
 from .errors import InvalidDataError
 from .schema import Kind
-from .store import Run
+from .store import Run, drop_identical
 from .window import LeftOut
 
 
@@ -121,18 +121,13 @@ def check_handover(run: Run) -> Handover:
 
 
 def _unique_drains(run: Run, drains: pd.DataFrame) -> pd.DataFrame:
-    keys = ["runner_id", "drain_seq"]
-    if not drains.duplicated(keys).any():
-        return drains
-    plain = drains.assign(dropped_episode_ids=drains["dropped_episode_ids"].map(lambda x: None if x is None else tuple(x)))
-    distinct = plain.drop_duplicates()
-    if distinct.duplicated(keys).any():
-        r = distinct[distinct.duplicated(keys, keep=False)].iloc[0]
+    drains, conflict = drop_identical(drains, ["runner_id", "drain_seq"])
+    if conflict is not None:
         raise InvalidDataError(
-            f"{run.path}/drains/: hand-over {r['drain_seq']} of runner {r['runner_id']} is recorded twice with different counts; "
+            f"{run.path}/drains/: hand-over {conflict['drain_seq']} of runner {conflict['runner_id']} is recorded twice with different counts; "
             "the folder mixes two runs' files — keep the original run's files and delete the others"
         )
-    return drains.loc[distinct.index]
+    return drains
 
 
 def _restarts(drains: pd.DataFrame, out: Handover) -> None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Callable, Iterable
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -241,6 +242,19 @@ def check_required(table: str, data: pa.Table, file: str) -> None:
                 f"{file}: column `{f.name}` has {data.column(f.name).null_count} null values, expected none; "
                 "the file was not written by reward_audit, re-record the run"
             )
+
+
+def drop_identical(frame: pd.DataFrame, keys: list[str]) -> tuple[pd.DataFrame, pd.Series | None]:
+    """Rows that appear twice under one key (a part copied, a runner drained twice):
+    ``(frame with identical copies counted once, None)``, or ``(frame, a row)`` whose key
+    holds different values — contradictory data the caller names in its error."""
+    if frame.empty or not frame.duplicated(keys).any():
+        return frame, None
+    hashable = frame.apply(lambda c: c.map(lambda x: tuple(x) if isinstance(x, (list, np.ndarray)) else x)) if (frame.dtypes == object).any() else frame
+    distinct = hashable.drop_duplicates()
+    if distinct.duplicated(keys).any():
+        return frame, distinct[distinct.duplicated(keys, keep=False)].iloc[0]
+    return frame.loc[distinct.index].reset_index(drop=True), None
 
 
 DAMAGED_FIX = "the file is damaged — delete it to audit the rest (its rows will be missing), or re-record the run"
