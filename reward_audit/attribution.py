@@ -26,31 +26,42 @@ import pandas as pd
 MAX_AGENTS_EXACT = 6  # 4**6 = 4096 combinations; beyond that, agents are grouped
 
 
-Features = "pd.DataFrame | dict[str, tuple[float, float]]"  # agent -> (earlier, final)
+Features = "pd.DataFrame | dict[str, tuple[float, float] | tuple[float, float, float]]"  # agent -> (earlier, final[, bound])
 
 
-def _as_dict(features: Any) -> dict[str, tuple[float, float]]:
-    """An episode's features as ``{agent: (earlier, final)}`` (a DataFrame indexed by agent
-    with ``earlier`` / ``final`` columns is accepted too)."""
+def _as_dict(features: Any) -> dict[str, tuple[float, float, float]]:
+    """An episode's features as ``{agent: (earlier, final, bound)}``, where ``bound`` is the
+    rounding bound of RLlib's sum of the agent's rewards (``recorder.rounding_bound``; 0 when
+    not given). A DataFrame indexed by agent with ``earlier`` / ``final`` (and optionally
+    ``bound``) columns is accepted too, and so are ``(earlier, final)`` pairs."""
     if isinstance(features, dict):
-        return features
-    return {str(a): (float(e), float(f)) for a, e, f in zip(features.index, features["earlier"], features["final"])}
+        return {a: (v[0], v[1], _finite(v[2]) if len(v) > 2 else 0.0) for a, v in features.items()}
+    bounds = features["bound"] if "bound" in features else [0.0] * len(features)
+    return {str(a): (float(e), float(f), _finite(b)) for a, e, f, b in zip(features.index, features["earlier"], features["final"], bounds)}
 
 
-def _terms(features: Any, own: set[str]) -> list[tuple[str, str, float]]:
-    """(agent label, part, signed value) candidates; grouped when there are many agents."""
+def _finite(bound: Any) -> float:
+    """An unknown bound (NaN: Σ|r| was not recorded) adds no tolerance."""
+    bound = float(bound)
+    return bound if math.isfinite(bound) else 0.0
+
+
+def _terms(features: Any, own: set[str]) -> list[tuple[str, str, float, float]]:
+    """(agent label, part, signed value, rounding bound) candidates; grouped when there are
+    many agents. A part's bound is its agent's: a sub-sum rounds no worse than the whole."""
     features = _as_dict(features)
     terms = []
     if len(features) <= MAX_AGENTS_EXACT:
-        for agent, (earlier, final) in features.items():
+        for agent, (earlier, final, bound) in features.items():
             sign = -1.0 if agent in own else 1.0
-            terms.append((agent, "earlier", sign * earlier))
-            terms.append((agent, "final", sign * final))
+            terms.append((agent, "earlier", sign * earlier, bound))
+            terms.append((agent, "final", sign * final, bound))
         return terms
     for label, mine, sign in (("own agents", True, -1.0), ("other agents", False, 1.0)):
         parts = [v for a, v in features.items() if (a in own) is mine]
-        terms.append((label, "earlier", sign * math.fsum(e for e, _ in parts)))
-        terms.append((label, "final", sign * math.fsum(f for _, f in parts)))
+        bound = math.fsum(b for _, _, b in parts)
+        terms.append((label, "earlier", sign * math.fsum(e for e, _, _ in parts), bound))
+        terms.append((label, "final", sign * math.fsum(f for _, f, _ in parts), bound))
     return terms
 
 
@@ -63,11 +74,14 @@ def explain(difference: float, features: pd.DataFrame, own: set[str], tol: float
         return "MISMATCH", f"difference {difference:+.6g}: a non-finite value, which no sum of finite rewards gives"
     terms = [t for t in _terms(features, own) if t[2] != 0.0]
     values = np.array([t[2] for t in terms]) if terms else np.zeros(0)
+    bounds = np.array([t[3] for t in terms]) if terms else np.zeros(0)
     best: list[tuple[int, ...]] = []
-    # Smallest explanations first; stop at the first size that matches.
+    # Smallest explanations first; stop at the first size that matches. ``tol`` bounds the
+    # rounding of the row's own sum; each term RLlib added (another agent's rewards) brings
+    # its own rounding, so a combination matches within ``tol`` + its terms' bounds.
     for size in range(1, len(terms) + 1):
         for combo in itertools.combinations(range(len(terms)), size):
-            if abs(values[list(combo)].sum() - difference) <= tol:
+            if abs(values[list(combo)].sum() - difference) <= tol + bounds[list(combo)].sum():
                 best.append(combo)
         if best:
             break
@@ -82,9 +96,9 @@ def explain(difference: float, features: pd.DataFrame, own: set[str], tol: float
         drop = [terms[i] for i in combo if terms[i] not in leak]
         parts = []
         if leak:
-            parts.append("+ " + " + ".join(f"agent {a}'s {p}-chunk rewards ({v:+.6g})" for a, p, v in leak))
+            parts.append("+ " + " + ".join(f"agent {a}'s {p}-chunk rewards ({v:+.6g})" for a, p, v, _ in leak))
         if drop:
-            parts.append("− " + " − ".join(f"agent {a}'s {p}-chunk rewards ({-v:.6g})" for a, p, v in drop))
+            parts.append("− " + " − ".join(f"agent {a}'s {p}-chunk rewards ({-v:.6g})" for a, p, v, _ in drop))
         text = "reported = truth " + " ".join(parts)
         if leak and drop:  # some agents' rewards added, others' missing: not one clean story
             return "MISMATCH", text + " (adds other agents' rewards and misses its own)"
@@ -136,7 +150,7 @@ def feature_row(features: Any, own: set[str]) -> dict[str, float]:
     """An episode's features: each agent's earlier / final-chunk counted rewards, labelled
     own (mapped to the key) or other."""
     row = {}
-    for agent, (earlier, final) in _as_dict(features).items():
+    for agent, (earlier, final, _) in _as_dict(features).items():
         side = "own" if agent in own else "other"
         row[f"agent {agent} earlier chunks ({side})"] = earlier
         row[f"agent {agent} final chunks ({side})"] = final

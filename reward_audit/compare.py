@@ -160,15 +160,15 @@ def _nothing_verified(run: Run, result: Tally, findings: list[Finding]) -> list[
 
 
 def _episode_features(feats: pd.DataFrame) -> dict[tuple[str, str], tuple[dict, dict]]:
-    """Per (runner, episode): ``({agent: module}, {agent: (earlier, final)})``, in the order
-    the episode's agents first appear (first chunk, then id)."""
+    """Per (runner, episode): ``({agent: module}, {agent: (earlier, final, rounding bound)})``,
+    in the order the episode's agents first appear (first chunk, then id)."""
     out: dict[tuple[str, str], tuple[dict, dict]] = {}
-    for runner, episode, agent, module, earlier, final in zip(
-        feats["runner_id"], feats["episode_id"], feats["agent_id"], feats["module_id"], feats["earlier"], feats["final"]
+    for runner, episode, agent, module, earlier, final, bound in zip(
+        feats["runner_id"], feats["episode_id"], feats["agent_id"], feats["module_id"], feats["earlier"], feats["final"], feats["bound"]
     ):
         mapping, values = out.setdefault((runner, episode), ({}, {}))
         mapping[agent] = module
-        values[agent] = (float(earlier), float(final))
+        values[agent] = (float(earlier), float(final), float(bound))
     return out
 
 
@@ -226,7 +226,7 @@ def _findings(run: Run, result: Tally, max_evidence: int, atol: float | None, rt
 
     bad = pd.concat(result.bad, ignore_index=True) if result.bad else pd.DataFrame(columns=["phase", "kind", "key", "diff", "ord", "runner_id", "episode_id"])
     bad = largest_wrong(bad, EXPLAIN_LIMIT)
-    feats = pd.concat(result.features, ignore_index=True) if result.features else pd.DataFrame(columns=["runner_id", "episode_id", "agent_id", "module_id", "earlier", "final", "first_chunk"])
+    feats = pd.concat(result.features, ignore_index=True) if result.features else pd.DataFrame(columns=["runner_id", "episode_id", "agent_id", "module_id", "earlier", "final", "bound", "first_chunk"])
     feats = feats.drop_duplicates(["runner_id", "episode_id", "agent_id"]).sort_values(["runner_id", "episode_id", "first_chunk", "agent_id"], kind="stable")
     groups = _episode_features(feats)
     bad_by_key = {k: g for k, g in bad.groupby(["phase", "kind", "key"], sort=False)}

@@ -526,6 +526,7 @@ def _features(w: Window, episodes: np.ndarray) -> pd.DataFrame:
             "module_id": modules[w.g_module[sel]],
             "earlier": w.g_counted[sel] - w.g_final[sel],
             "final": w.g_final[sel],
+            "bound": w.g_bound[sel],
             "first_chunk": w.g_first[sel],
         }
     )

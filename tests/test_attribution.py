@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -84,3 +86,29 @@ def test_fit_says_when_collinear_agents_cannot_be_separated():
     model = fit(reported, rows)
     assert model.unseparable
     assert "cannot separate" in model.formula()
+
+
+def test_a_leaked_term_brings_its_own_rounding():
+    """Ray 2.12's chunk leak, summed in floats the way RLlib does it: the policy value of agent
+    a is a's final chunk + a's earlier chunk + b's earlier chunk (b paid 10x as much). The row's
+    tolerance bounds the rounding of a's own sum only; the leaked sum of b's rewards rounds on
+    its own, so a match must allow for it too (a flaky MISMATCH on real 2.12 runs before)."""
+    from reward_audit.recorder import rounding_bound
+
+    rng = np.random.default_rng(7)
+    beyond_row_tol = 0
+    for _ in range(500):
+        a_early, a_final = rng.uniform(0.5, 1.5, 8), rng.uniform(0.5, 1.5, 4)
+        b_early, b_final = 10 * rng.uniform(0.5, 1.5, 8), 10 * rng.uniform(0.5, 1.5, 4)
+        chunk = lambda r: float(sum(r.tolist()))  # one reward after the other, as RLlib adds them # noqa: E731
+        reported = chunk(a_final) + chunk(a_early) + chunk(b_early)
+        truth = math.fsum(np.concatenate([a_early, a_final]).tolist())
+        tol = float(rounding_bound(12, truth, 53, 2, 1))
+        b_bound = float(rounding_bound(12, math.fsum(np.concatenate([b_early, b_final]).tolist()), 53, 2, 1))
+        earlier_b = math.fsum(b_early.tolist())
+        f = {"a": (math.fsum(a_early.tolist()), math.fsum(a_final.tolist()), tol), "b": (earlier_b, math.fsum(b_final.tolist()), b_bound)}
+        diff = reported - truth
+        beyond_row_tol += abs(diff - earlier_b) > tol
+        verdict, text = explain(diff, f, {"a"}, tol)
+        assert verdict == "LEAK" and text.startswith("reported = truth + agent b's earlier-chunk rewards"), (diff, text)
+    assert beyond_row_tol > 0  # the rounding this test is about did occur
