@@ -71,7 +71,8 @@ class RewardAuditCallback(_Base):
 
     #: Base folder or URI for the audit data; set through ``writing_to`` / ``configured``.
     OUTPUT: str | None = None
-    #: Self-test only: ``"leak"``, ``"drop"`` or ``"mismatch"`` corrupts RLlib's metrics.
+    #: Self-test only: ``"leak"``, ``"drop"`` or ``"mismatch"`` corrupts RLlib's metrics;
+    #: ``"signal"`` moves one agent's rewards into another module's training data.
     INJECT_FAULT: str | None = None
 
     @classmethod
@@ -190,6 +191,12 @@ class RewardAuditCallback(_Base):
     def on_sample_end(self, **kwargs: Any) -> None:
         adapter, recorder = self._runner_recorder(kwargs)
         if recorder is not None:
+            if recorder.phase == Phase.TRAIN.value:  # only training data is audited (phase `learning`)
+                try:
+                    adapter.batch_ends(recorder, kwargs.get("samples"))
+                except Exception:  # the raw rows below must still be cut
+                    recorder.failures += 1
+                    logger.exception("reward_audit: could not read the rewards of this sample() call's training data")
             adapter.sample_ends(recorder)
 
 

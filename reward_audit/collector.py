@@ -140,6 +140,7 @@ class Collector:
             results = [r for r in self.adapter.foreach_runner(group, drain_runner) if r]
             raw = [{**row, "iteration": iteration} for r in results for row in r["raw_rewards"]]
             reported = [{**row, "iteration": iteration} for r in results for row in r["reported_episodes"]]
+            batch = [{**row, "iteration": iteration} for r in results for row in r.get("batch_rewards", ())]
             drains = [
                 {
                     **{k: r[k] for k in ("phase", "runner_id", "worker_index", "pid", "drain_seq", "raw_total", "reported_total", "dropped_raw", "dropped_reported", "failures")},
@@ -161,6 +162,8 @@ class Collector:
             tag = f"{iteration:06d}-{phase.value}"
             with self.lock:
                 self.queue += [("raw_rewards", raw, tag), ("reported_episodes", reported, tag), ("drains", drains, tag)]
+                if batch:
+                    self.queue.append(("batch_rewards", batch, tag))
                 self._flush()
             written += len(raw)
         return written

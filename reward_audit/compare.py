@@ -25,7 +25,9 @@ The steps:
 from __future__ import annotations
 
 import math
+import os
 import re
+import tempfile
 import time
 from typing import Any
 
@@ -37,6 +39,7 @@ from .audit import FAILURES, SEVERITY, Audit, Evidence, Finding, Verdict, plural
 from .dashboard import build_dashboard, dashboard_frame, dashboard_rows
 from .handover import Handover, check_handover
 from .known_bugs import with_known_bugs
+from .learning import learning_run
 from .schema import Kind, Phase
 from .store import Run, load_run
 from .tally import LateData, Progress, Tally, largest_wrong, tally
@@ -75,6 +78,7 @@ def compare(
         result = _pass(run, atol, rtol, window_rows, progress, handover, notes)
     notes += _duplicate_notes(result)
     findings = _findings(run, result, max_evidence, atol, rtol, handover.findings)
+    findings = sorted(findings + _learning(run, atol, rtol, window_rows, progress, handover, notes, max_evidence), key=_order)
     if progress:
         progress("dashboards", 0.99)
     iterations, dash_notes = dashboard_rows(run)
@@ -256,8 +260,36 @@ def _findings(run: Run, result: Tally, max_evidence: int, atol: float | None, rt
         if run.manifest.get("clip_rewards") not in (None, False):
             why = f"RLlib clips rewards (clip_rewards={run.manifest['clip_rewards']!r}), so its returns are sums of clipped rewards, which chunk sums cannot rebuild; not compared"
         findings.append(_unverified(phase, "run", "reported", int(result.raw_phases[phase]), why))
-    findings.sort(key=lambda f: (f.phase != Phase.TRAIN.value, f.phase, KIND_ORDER.get(f.kind, 9), f.key, f.verdict.severity))
+    findings.sort(key=_order)
     return findings
+
+
+def _order(f: Finding) -> tuple:
+    return (f.phase != Phase.TRAIN.value, f.phase, KIND_ORDER.get(f.kind, 9), f.key, f.verdict.severity)
+
+
+def _learning(
+    run: Run, atol: float | None, rtol: float | None, window_rows: int | None, progress: Progress | None, handover: Handover, notes: list[str], max_evidence: int
+) -> list[Finding]:
+    """Phase ``learning`` (learning.py): the training batches against the train truth, by
+    the same pass and verdicts. Left out: what the train phase reports already (EXCLUDED,
+    capture failures) and the episodes still running (their batches are partial)."""
+    with tempfile.TemporaryDirectory(prefix="reward_audit-learning-") as folder:
+        view = learning_run(run, os.path.join(folder, "run"))
+        if view is None:
+            return []
+        if progress:
+            progress("learning", 0.95)
+        result = _pass(view, atol, rtol, window_rows, None, handover, notes)
+        found = _findings(view, result, max_evidence, atol, rtol)
+    keep = []
+    for f in found:
+        if f.phase != Phase.LEARNING.value or f.verdict is Verdict.EXCLUDED:
+            continue
+        if f.verdict is Verdict.INCOMPLETE and not (f.counts or {}).get("finished"):
+            continue
+        keep.append(f)
+    return keep
 
 
 def _pattern(explanation: str) -> str:

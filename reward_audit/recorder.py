@@ -170,6 +170,10 @@ class RunnerRecorder:
         self._metrics_ids: list[str] = []
         self._raw_rows: list[dict] = []
         self._reported_rows: list[dict] = []
+        self._batch_rows: list[dict] = []  # what sample() handed to training (batch_rewards)
+        # Old stack: episode id -> [RLlib's live {agent id: agent_index} dict, ended], to name
+        # the agents of a batch's `agent_index` column (capture/oldstack.py).
+        self.agent_indices: dict[str, list] = {}
         self.failures = 0
         # Hand-over accounting (``drain``): the driver sees gaps, restarts and drops.
         self.max_buffered_rows = max_buffered_rows()
@@ -378,6 +382,24 @@ class RunnerRecorder:
             rows.append({**base, "kind": Kind.POLICY.value, "agent_id": str(aid), "module_id": str(pid), "value": float(value)})
         self._reported_total += 1
 
+    # ------------------------------------------------------------------ training data
+
+    def batch_rewards(self, sums: Iterable[tuple[str, Any, Any, float, int, int]]) -> None:
+        """``on_sample_end``: per ``(episode id, agent id, module id, reward sum, n, significand
+        bits of the batch's rewards)`` what
+        this ``sample()`` call hands to training (``chunk_seq`` = this call, as the raw
+        rows). Call before ``sample_ends``, which advances the call number."""
+        base = {"phase": self.phase, "runner_id": self.runner_id, "chunk_seq": self.sample_seq}
+        rows = self._batch_rows
+        if len(rows) > self.max_buffered_rows:
+            return  # the driver is not draining: raw rows are dropped too (INCOMPLETE)
+        for episode_id, aid, mid, total, n, bits in sums:
+            if episode_id in self._dropped:
+                continue
+            rows.append(
+                {**base, "episode_id": episode_id, "agent_id": str(aid), "module_id": None if mid is None else str(mid), "reward": float(total), "n_rewards": int(n), "reward_bits": bits}
+            )
+
     def metrics_call_ends(self) -> None:
         if self._metrics_ids:
             self.failures += 1
@@ -393,8 +415,8 @@ class RunnerRecorder:
         ``drain_seq``), restarted runners (a new ``runner_id`` at the same worker index) and
         dropped episodes. ``reported_total`` counts episodes, not rows."""
         with self._lock:
-            raw, reported, dropped = self._raw_rows, self._reported_rows, self._dropped_new
-            self._raw_rows, self._reported_rows, self._dropped_new = [], [], []
+            raw, reported, dropped, batch = self._raw_rows, self._reported_rows, self._dropped_new, self._batch_rows
+            self._raw_rows, self._reported_rows, self._dropped_new, self._batch_rows = [], [], [], []
             seq, self._drain_seq = self._drain_seq, self._drain_seq + 1
         return {
             "runner_id": self.runner_id,
@@ -404,6 +426,7 @@ class RunnerRecorder:
             "drain_seq": seq,
             "raw_rewards": raw,
             "reported_episodes": reported,
+            "batch_rewards": batch,
             "raw_total": self._raw_total,
             "reported_total": self._reported_total,
             "dropped_raw": self._dropped_raw,

@@ -26,6 +26,7 @@ import json
 from typing import Any, Callable, Iterable, Sequence
 
 from .audit import Audit, Criteria, Finding, Verdict, plural
+from .schema import Phase
 
 FORMATS = ("text", "json", "md", "html")
 PLOTS_HINT = 'Plots need matplotlib: `pip install "reward_audit[report]"`.'
@@ -155,8 +156,54 @@ def render_text(audit: Audit, *, verbose: bool = False, criteria: Criteria | Non
     if unverified:
         lines.append("")
         lines += [f"{'UNVERIFIED':<10} {u.reason}" for u in unverified]
+    line = bottom_line(audit)
+    if line:
+        lines.append(line)
     lines.append(_summary(audit, criteria))
     return "\n".join(visible(line) for line in lines)
+
+
+_BOTTOM = {
+    (False, False): "the reported numbers and the training data both match what the env paid",
+    (True, False): "the policies were trained on the right rewards; only the reported numbers are wrong",
+    (False, True): "the policies were trained on wrong rewards, though the reported numbers look right",
+    (True, True): "both the reported numbers and the training data are wrong",
+}
+
+
+def _label(findings: list) -> str:
+    """The most severe verdict among ``findings`` that is failing or CLEAN (else warning)."""
+    if not findings:
+        return "not recorded"
+    failing = [f.verdict for f in findings if f.verdict.failing]
+    if failing:
+        return min(failing, key=lambda v: v.severity).value
+    if any(f.verdict is Verdict.CLEAN for f in findings):
+        return Verdict.CLEAN.value
+    return min((f.verdict for f in findings), key=lambda v: v.severity).value
+
+
+def bottom_line(audit: Audit) -> str | None:
+    """One line on both questions: were the reported numbers right (phases train and
+    evaluation), and were the modules trained on the right rewards (phase ``learning``,
+    docs/learning.md)? None for a run without training batches recorded::
+
+        metrics: LEAK · training batches: CLEAN — the policies were trained on the right rewards; only the reported numbers are wrong
+    """
+    learning = [f for f in audit.findings if f.phase == Phase.LEARNING.value]
+    if not learning:
+        return None
+    metrics = [f for f in audit.findings if f.phase in (Phase.TRAIN.value, Phase.EVALUATION.value)]
+    head = f"metrics: {_label(metrics)} · training batches: {_label(learning)}"
+    m_bad, l_bad = (any(f.verdict.failing for f in fs) for fs in (metrics, learning))
+    if all(_label(fs) == Verdict.CLEAN.value or bad for fs, bad in ((metrics, m_bad), (learning, l_bad))):
+        return f"{head} — {_BOTTOM[(m_bad, l_bad)]}"
+    # One side could not be judged: say only what is known.
+    if l_bad:
+        return f"{head} — the policies were trained on wrong rewards"
+    if m_bad:
+        return f"{head} — the reported numbers are wrong"
+    return head
 
 
 def to_document(audits: Audit | Sequence[Audit], *, criteria: Criteria | None = None) -> dict[str, Any]:

@@ -9,6 +9,8 @@ A run folder looks like this::
       raw_rewards/part-000001-3f2a9c1e.parquet
       reported_episodes/part-000001-3f2a9c1e.parquet
       reported_iterations/part-000001-3f2a9c1e.parquet
+      drains/part-000001-3f2a9c1e.parquet
+      batch_rewards/part-000001-3f2a9c1e.parquet
 
 Each part file is written under a temporary name and renamed, so it is complete or absent.
 """
@@ -33,6 +35,9 @@ AUDIT_DIR_NAME = "reward_audit"
 class Phase(str, enum.Enum):
     TRAIN = "train"
     EVALUATION = "evaluation"
+    # Not recorded by a runner: the audit's view of what train runners handed to training
+    # (``batch_rewards``) against the train phase's raw rewards (learning.py).
+    LEARNING = "learning"
 
 
 class Kind(str, enum.Enum):
@@ -196,11 +201,40 @@ DRAINS_DOC = {
     "failures": "Failures logged inside reward_audit on that runner since it started.",
 }
 
+BATCH_REWARDS = pa.schema(
+    [
+        pa.field("phase", pa.string(), nullable=False),
+        pa.field("runner_id", pa.string(), nullable=False),
+        pa.field("episode_id", pa.string(), nullable=False),
+        pa.field("chunk_seq", pa.int64(), nullable=False),
+        pa.field("agent_id", pa.string(), nullable=False),
+        pa.field("module_id", pa.string()),
+        pa.field("reward", pa.float64(), nullable=False),
+        pa.field("n_rewards", pa.int32(), nullable=False),
+        pa.field("reward_bits", pa.int32()),
+        pa.field("iteration", pa.int64(), nullable=False),
+    ]
+)
+
+BATCH_REWARDS_DOC = {
+    "phase": "`train` or `evaluation` (the runner's phase; only `train` batches are audited, phase `learning`).",
+    "runner_id": "The runner that sampled the batch (same as in raw_rewards).",
+    "episode_id": "Episode id, joinable with raw_rewards (old stack: runner uuid + the batch's `eps_id`).",
+    "chunk_seq": "The runner's `sample()` call number that returned the batch (as in raw_rewards).",
+    "agent_id": "Agent id as a canonical string. Old stack: the agent's id when the runner still knew the episode's `agent_index` map, else `#<agent_index>`.",
+    "module_id": "Module (new stack) / policy (old stack) whose training data holds these rewards.",
+    "reward": "Sum of the agent's rewards in the data `sample()` returned for training (new stack: the episode chunk's `get_rewards()`; old stack: the policy batch's `rewards` column).",
+    "n_rewards": "Number of rewards summed in `reward`.",
+    "reward_bits": "Significand bits of the batch's reward array (24: float32, as the old stack's `SampleBatch` stores them); the learning comparison's rounding bound uses the fewer of these and the env's.",
+    "iteration": "The audit's count of `train()` results when the driver collected the row (as in raw_rewards).",
+}
+
 TABLES: dict[str, pa.Schema] = {
     "raw_rewards": RAW_REWARDS,
     "reported_episodes": REPORTED_EPISODES,
     "reported_iterations": REPORTED_ITERATIONS,
     "drains": DRAINS,
+    "batch_rewards": BATCH_REWARDS,
 }
 
 TABLE_DOCS: dict[str, tuple[str, dict[str, str]]] = {
@@ -219,6 +253,10 @@ TABLE_DOCS: dict[str, tuple[str, dict[str, str]]] = {
     "drains": (
         "One row per hand-over of an env runner's rows to the driver (schema 3): how the audit knows nothing was lost.",
         DRAINS_DOC,
+    ),
+    "batch_rewards": (
+        "One row per (runner, episode, chunk, agent, module): the rewards `sample()` handed to training (the `learning` phase, docs/learning.md).",
+        BATCH_REWARDS_DOC,
     ),
 }
 
@@ -247,7 +285,7 @@ MANIFEST_FIELDS = {
     "created_at": "UTC time the run started.",
     "output": "Where the audit folder was written.",
     "output_source": "Why there: `$REWARD_AUDIT_DIR`, `RewardAuditCallback.writing_to()`, `trial dir` or `algorithm.logdir`.",
-    "injected_fault": "Self-test fault deliberately injected into RLlib's metrics (`leak`, `drop`, `mismatch`), else null.",
+    "injected_fault": "Self-test fault deliberately injected into RLlib's metrics (`leak`, `drop`, `mismatch`) or into the training data (`signal`), else null.",
     "capture_failures": "Failures logged inside reward_audit on the env runners while recording, summed over every runner incarnation and every segment (absent when none).",
     "driver_failures": "Failures logged inside reward_audit on the driver (a hook that raised, a write that failed; absent when none).",
     "segments": "One entry per stretch of training recorded without a restore: `first_iteration` / `last_iteration` (audit count), `first_training_iteration` / `last_training_iteration` (RLlib's), `started_at`, `pid`, `reason` (`start`, `restored` in the same process, `reopened` by a new process).",

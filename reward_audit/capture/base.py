@@ -148,6 +148,10 @@ class Adapter:
         """``on_sample_end``: cut the episodes touched in this ``sample()`` call into chunk rows."""
         recorder.sample_ends()
 
+    def batch_ends(self, recorder: RunnerRecorder, samples: Any) -> None:
+        """``on_sample_end``: record per (episode, agent, module) the rewards in ``samples``,
+        the data this ``sample()`` call hands to training (``batch_rewards``)."""
+
     def install_fault(self, runner: Any, fault: str) -> None:
         """Self-test: corrupt RLlib's per-episode metrics on ``runner`` (``capture/inject.py``)."""
         raise NotImplementedError(f"fault injection is not available for the {self.name} adapter")

@@ -8,6 +8,12 @@ that its pipeline catches a wrong attribution.
   only the last of its agents (plus every agent's earlier chunks).
 * ``mismatch`` — every module value is scaled by 1.01 and shifted by +0.5 (no agent's rewards
   explain it).
+* ``signal`` — the training data, not the metrics: in every episode chunk ``sample()``
+  returns, the first agent's rewards are moved onto the last reward of another agent (one
+  mapped to a different module if there is one), so that module trains on rewards that are
+  not its agents'. Done on deep copies inside the runner's ``_sample`` (before
+  ``on_sample_end``): the episodes RLlib keeps for its metrics stay right, so only the
+  audit's ``learning`` phase can see it.
 
 Installed outside reward_audit's own capture wrappers, so what is captured *and* what the
 dashboards show are the corrupted numbers, exactly as with the real bugs. New API stack
@@ -16,13 +22,16 @@ dashboards show are the corrupted numbers, exactly as with the real bugs. New AP
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections import defaultdict
 from typing import Any
 
+import numpy as np
+
 logger = logging.getLogger("reward_audit")
 
-FAULTS = ("leak", "drop", "mismatch")
+FAULTS = ("leak", "drop", "mismatch", "signal")
 
 
 def _episode_parts(runner: Any, episode: Any) -> dict[str, Any]:
@@ -61,11 +70,43 @@ def _corrupt(fault: str, parts: dict[str, Any], agents: dict, modules: dict) -> 
     return agents, modules
 
 
+def _move_rewards(episode: Any) -> None:
+    """``signal``: move the first agent's rewards in this chunk onto another agent's last one."""
+    agents = [(aid, sa) for aid, sa in episode.agent_episodes.items() if len(sa.get_rewards())]
+    if len(agents) < 2:
+        return
+    (_, source), rest = agents[0], agents[1:]
+    target = next((sa for _, sa in rest if sa.module_id != source.module_id), rest[-1][1])
+    moved = float(np.sum(source.get_rewards(), dtype=np.float64))
+    lookback = source.rewards.lookback
+    for i in range(lookback, lookback + len(source.get_rewards())):
+        source.rewards.data[i] = 0.0 * source.rewards.data[i]
+    target.rewards.data[target.rewards.lookback + len(target.get_rewards()) - 1] += moved
+
+
+def _install_signal(runner: Any) -> None:
+    inner_sample = runner._sample
+
+    def sample(*args: Any, **kwargs: Any) -> Any:
+        episodes = copy.deepcopy(inner_sample(*args, **kwargs))  # RLlib's metrics keep the originals
+        for episode in episodes:
+            _move_rewards(episode)
+        return episodes
+
+    runner._sample = sample
+
+
 def install_fault(runner: Any, fault: str) -> None:
-    """Wrap the runner's ``get_metrics`` / ``_log_episode_metrics`` (outermost) with ``fault``."""
+    """Wrap the runner's ``get_metrics`` / ``_log_episode_metrics`` (outermost) with ``fault``;
+    ``signal``: its ``_sample`` (private, self-test only)."""
     if fault not in FAULTS:
         raise ValueError(f"unknown fault {fault!r}; use one of {', '.join(FAULTS)}")
     if runner.__dict__.get("_reward_audit_fault"):
+        return
+    if fault == "signal":
+        _install_signal(runner)
+        runner.__dict__["_reward_audit_fault"] = fault
+        logger.warning("reward_audit: fault 'signal' INJECTED into the training data of this env runner (self-test)")
         return
     inner_get_metrics, inner_log = runner.get_metrics, runner._log_episode_metrics
     queue: list[dict[str, Any]] = []

@@ -44,7 +44,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ..recorder import RunnerRecorder
+import numpy as np
+
+from ..recorder import RunnerRecorder, _bits
 from ..schema import IterationSemantics as S
 from ..schema import Kind
 from .base import Adapter, install_tap
@@ -113,6 +115,23 @@ class NewStackAdapter(Adapter):
         runner.get_metrics = get_metrics
         runner._log_episode_metrics = log_episode_metrics
         runner.__dict__["_reward_audit_metrics_wrapped"] = True
+
+    def batch_ends(self, recorder: RunnerRecorder, samples: Any) -> None:
+        """``samples`` is what ``MultiAgentEnvRunner.sample()`` returns (2.60
+        ``multi_agent_env_runner.py:291-300``): done episodes and cut chunks of ongoing ones,
+        all sharing their episode's ``id_``. Per agent, its chunk's ``get_rewards()`` (no
+        lookback) is what the learner connectors turn into the module's training batch."""
+        sums = []
+        for episode in samples or ():
+            agent_episodes = getattr(episode, "agent_episodes", None)
+            if agent_episodes is None:  # not a MultiAgentEpisode: nothing to attribute
+                continue
+            episode_id = str(episode.id_)
+            for aid, sa in agent_episodes.items():
+                rewards = sa.get_rewards()
+                if len(rewards):
+                    sums.append((episode_id, aid, sa.module_id, float(np.sum(rewards, dtype=np.float64)), len(rewards), _bits(rewards)))
+        recorder.batch_rewards(sums)
 
     def install_fault(self, runner: Any, fault: str) -> None:
         from .inject import install_fault

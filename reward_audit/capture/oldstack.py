@@ -88,10 +88,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ..recorder import RunnerRecorder, clip_function
+import numpy as np
+
+from ..recorder import RunnerRecorder, _bits, clip_function
 from ..schema import IterationSemantics as S
 from ..schema import Kind
-from .base import Adapter, install_tap
+from .base import Adapter, install_tap, runner_in
 
 logger = logging.getLogger("reward_audit")
 
@@ -208,6 +210,47 @@ class OldStackAdapter(Adapter):
             policies=policies,
             metrics_call=-1,
         )
+
+    def on_episode(self, kwargs: dict, action: str) -> None:
+        super().on_episode(kwargs, action)
+        episode = kwargs["episode"]
+        if action == "step" or not self.is_episode(episode):
+            return
+        # Keep a reference to the episode's {agent id: agent_index} (private, read only; filled
+        # by ``EpisodeV2.agent_index()``) to name the agents of the batch's `agent_index` column.
+        recorder = self.recorder_for(runner_in(kwargs))
+        agents = getattr(episode, "_agent_to_index", None)
+        if agents is not None:
+            recorder.agent_indices[self.episode_id(episode, recorder)] = [agents, action == "end"]
+
+    def batch_ends(self, recorder: RunnerRecorder, samples: Any) -> None:
+        """``samples`` is the ``MultiAgentBatch`` (or ``SampleBatch``) ``sample()`` returns
+        (2.60 ``rollout_worker.py:682-684``): per policy, one row per agent step with
+        ``rewards``, ``eps_id`` and ``agent_index`` (``env_runner_v2.py:545, 594, 770``:
+        ``episode.agent_index(agent_id)``). Grouped per (eps_id, agent_index) with numpy; the
+        agent is named from the episode's index map, else recorded as ``#<agent_index>``."""
+        batches = getattr(samples, "policy_batches", None)
+        if batches is None:
+            batches = {} if samples is None else {"default_policy": samples}
+        sums = []
+        for pid, batch in batches.items():
+            if not len(batch) or "rewards" not in batch or "eps_id" not in batch or "agent_index" not in batch:
+                continue
+            keys = np.stack([np.asarray(batch["eps_id"], np.int64), np.asarray(batch["agent_index"], np.int64)], axis=1)
+            pairs, inverse = np.unique(keys, axis=0, return_inverse=True)
+            inverse = inverse.reshape(-1)
+            rewards = np.asarray(batch["rewards"])
+            bits = _bits(rewards)
+            total = np.bincount(inverse, weights=rewards.astype(np.float64, copy=False), minlength=len(pairs))
+            count = np.bincount(inverse, minlength=len(pairs))
+            for (eps, index), r, n in zip(pairs.tolist(), total.tolist(), count.tolist()):
+                episode_id = f"{recorder.runner_id}:{eps}"
+                known = recorder.agent_indices.get(episode_id)
+                names = {i: a for a, i in known[0].items()} if known else {}
+                sums.append((episode_id, names.get(index, f"#{index}"), pid, r, n, bits))
+        recorder.batch_rewards(sums)
+        for episode_id in [e for e, (_, ended) in recorder.agent_indices.items() if ended]:
+            del recorder.agent_indices[episode_id]
 
     def sample_ends(self, recorder: RunnerRecorder) -> None:
         # The step each env took after RLlib's last poll belongs to the next sample() call
