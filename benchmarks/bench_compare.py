@@ -13,6 +13,7 @@ and prints rows → seconds, ratio, peak RSS, bytes per raw row on disk, part fi
 
     python benchmarks/bench_compare.py                       # 10k, 100k, 1M rows
     python benchmarks/bench_compare.py --rows 10000000 --repeat 2 --inject leak
+    python benchmarks/bench_compare.py --rows 1000000 --batches   # with the learning phase
     python benchmarks/bench_compare.py --rows 64000000 --iterations 1000 --repeat 1
 """
 
@@ -65,6 +66,7 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=0, help="iterations (default: rows / 100k, at least 10)")
     ap.add_argument("--repeat", type=int, default=3, help="alternating rounds per size; the median is shown")
     ap.add_argument("--inject", choices=["leak", "drop"], default=None)
+    ap.add_argument("--batches", action="store_true", help="also record training batches (batch_rewards): compare audits phase `learning` too")
     ap.add_argument("--report", action="store_true", help="also time `report` (HTML) against compare")
     ap.add_argument("--keep", default=None, help="generate into (and keep) this folder")
     args = ap.parse_args()
@@ -77,7 +79,7 @@ def main() -> None:
         base = args.keep or tempfile.mkdtemp(prefix="bench_compare_")
         folder = os.path.join(base, f"run{rows}")
         if not os.path.exists(os.path.join(folder, "reward_audit", "run.json")):
-            generate_run(folder, iterations=iterations, episodes_per_iteration=per_iteration, inject=args.inject)
+            generate_run(folder, iterations=iterations, episodes_per_iteration=per_iteration, inject=args.inject, batches=args.batches)
         audit_dir = os.path.join(folder, "reward_audit")
         raw_files = glob.glob(f"{audit_dir}/raw_rewards/*.parquet")
         import pyarrow.parquet as pq

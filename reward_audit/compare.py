@@ -25,9 +25,7 @@ The steps:
 from __future__ import annotations
 
 import math
-import os
 import re
-import tempfile
 import time
 from typing import Any
 
@@ -39,7 +37,6 @@ from .audit import FAILURES, SEVERITY, Audit, Evidence, Finding, Verdict, plural
 from .dashboard import build_dashboard, dashboard_frame, dashboard_rows
 from .handover import Handover, check_handover
 from .known_bugs import with_known_bugs
-from .learning import learning_run
 from .schema import Kind, Phase
 from .store import Run, load_run
 from .tally import LateData, Progress, Tally, largest_wrong, tally
@@ -77,8 +74,12 @@ def compare(
     if handover.missing_rows(result.runner_rows):  # rare: a part file is gone; leave its runner out
         result = _pass(run, atol, rtol, window_rows, progress, handover, notes)
     notes += _duplicate_notes(result)
+    if result.clipped_truth:
+        notes.append(
+            f"learning: RLlib clipped the rewards before its training batches (clip_rewards={run.manifest.get('clip_rewards')!r}), as configured; "
+            f"the batches were compared with Σ clip(r) of what the env paid ({plural(result.clipped_truth, 'raw row')})"
+        )
     findings = _findings(run, result, max_evidence, atol, rtol, handover.findings)
-    findings = sorted(findings + _learning(run, atol, rtol, window_rows, progress, handover, notes, max_evidence), key=_order)
     if progress:
         progress("dashboards", 0.99)
     iterations, dash_notes = dashboard_rows(run)
@@ -268,30 +269,6 @@ def _order(f: Finding) -> tuple:
     return (f.phase != Phase.TRAIN.value, f.phase, KIND_ORDER.get(f.kind, 9), f.key, f.verdict.severity)
 
 
-def _learning(
-    run: Run, atol: float | None, rtol: float | None, window_rows: int | None, progress: Progress | None, handover: Handover, notes: list[str], max_evidence: int
-) -> list[Finding]:
-    """Phase ``learning`` (learning.py): the training batches against the train truth, by
-    the same pass and verdicts. Left out: what the train phase reports already (EXCLUDED,
-    capture failures) and the episodes still running (their batches are partial)."""
-    with tempfile.TemporaryDirectory(prefix="reward_audit-learning-") as folder:
-        view = learning_run(run, os.path.join(folder, "run"))
-        if view is None:
-            return []
-        if progress:
-            progress("learning", 0.95)
-        result = _pass(view, atol, rtol, window_rows, None, handover, notes)
-        found = _findings(view, result, max_evidence, atol, rtol)
-    keep = []
-    for f in found:
-        if f.phase != Phase.LEARNING.value or f.verdict is Verdict.EXCLUDED:
-            continue
-        if f.verdict is Verdict.INCOMPLETE and not (f.counts or {}).get("finished"):
-            continue
-        keep.append(f)
-    return keep
-
-
 def _pattern(explanation: str) -> str:
     """An explanation without its numbers: what wrong values have in common."""
     return re.sub(r"\s*\([^)]*\)", "", explanation.split(";")[0])
@@ -381,7 +358,7 @@ def _excluded(result: Tally) -> list[Finding]:
     """Rewards paid before / with an agent's first observation, in reported episodes."""
     out = []
     for (phase, agent), (n_eps, total, n) in sorted(result.excluded.items()):
-        if total == 0.0:  # rewards of 0 (a turn-based game's second player) hide nothing
+        if total == 0.0 or phase == Phase.LEARNING.value:  # rewards of 0 hide nothing; `learning` repeats `train`
             continue
         out.append(
             Finding(
@@ -398,6 +375,9 @@ def _incomplete(result: Tally, reported_phases: set[str]) -> list[Finding]:
     out = []
     for phase in sorted({p for p, _ in result.unreported}):
         cut, finished = result.unreported.get((phase, False), 0), result.unreported.get((phase, True), 0)
+        learning = phase == Phase.LEARNING.value
+        if learning:  # only finished episodes are compared; the train phase counts the rest
+            cut = 0
         if phase not in reported_phases or not cut + finished:
             continue
         parts = []
@@ -405,7 +385,8 @@ def _incomplete(result: Tally, reported_phases: set[str]) -> list[Finding]:
             parts.append(f"{cut} never finished (cut by a reset, or still running when the run stopped)")
         if finished:
             examples = sorted(e[2:] for e in result.unreported_examples if e[0] == phase and e[1])[:3]
-            parts.append(f"{finished} finished but RLlib reported no value for them (e.g. {', '.join(e[2] for e in examples)})")
+            what = "no training data was recorded for them" if learning else "RLlib reported no value for them"
+            parts.append(f"{finished} finished but {what} (e.g. {', '.join(e[2] for e in examples)})")
         out.append(
             Finding(
                 phase, Kind.EPISODE.value, "unreported", Verdict.INCOMPLETE, cut + finished, None, None, None,

@@ -253,9 +253,12 @@ def generate_run(
     inject: str | None = None,
     inject_every: int = 7,
     seed: int = 0,
+    batches: bool = False,
 ) -> SyntheticRun:
     """Write a synthetic run to ``folder/reward_audit``; about
-    ``iterations × episodes_per_iteration × agents × (1 + max_chunks) / 2`` raw rows."""
+    ``iterations × episodes_per_iteration × agents × (1 + max_chunks) / 2`` raw rows.
+    ``batches``: also the training batches (``batch_rewards``, phase ``learning``), one row
+    per raw row, right (what each agent's module was trained on)."""
     if inject not in (None, "leak", "drop"):
         raise ValueError(f"inject={inject!r}: use None, 'leak' or 'drop'")
     writer = RunWriter(f"{folder.rstrip('/')}/{schema.AUDIT_DIR_NAME}")
@@ -264,7 +267,10 @@ def generate_run(
     raw_rows = rep_rows = injected = parts = episodes = 0
     for it, raw, rep, dash, hit in _iterations(iterations, episodes_per_iteration, agents, modules, runners, max_chunks, inject, inject_every, seed):
         tag = f"{it:06d}-train"
-        for table, data in (("raw_rewards", raw), ("reported_episodes", rep), ("reported_iterations", dash)):
+        tables = [("raw_rewards", raw), ("reported_episodes", rep), ("reported_iterations", dash)]
+        if batches:
+            tables.append(("batch_rewards", raw.select(schema.BATCH_REWARDS.names)))
+        for table, data in tables:
             if data.num_rows:
                 writer.write_table(table, data, tag if table != "reported_iterations" else f"{it:06d}")
                 parts += 1

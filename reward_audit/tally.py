@@ -34,8 +34,10 @@ import pandas as pd
 import pyarrow as pa
 
 from .dashboard import driver_history_windows, per_call_windows
+from .learning import LearningStream
 from .store import Run
 from .recorder import rounding_bound
+from .schema import Phase
 from .window import AGENT, EPISODE, KINDS, MODULE, OTHER, POLICY, KeyMap, LeftOut, Window, factorize, read_window
 
 Progress = Callable[[str, float], None]
@@ -69,6 +71,7 @@ class Tally:
     rows_read: int = 0
     duplicates: dict = field(default_factory=dict)  # table -> [rows dropped, files]: identical copies
     runner_rows: dict = field(default_factory=dict)  # runner id -> raw rows read (after de-duplication)
+    clipped_truth: int = 0  # learning: raw rows whose truth is Σ clip(r) (RLlib clipped before the batch)
 
 
 # --------------------------------------------------------------------------- the pass
@@ -112,6 +115,7 @@ def _tally_run(
     rep_parts = list(run.parts.get("reported_episodes", ()))
     ctx.rep_index = {p.path: i for i, p in enumerate(rep_parts)}
     windows = plan(run, window_rows)
+    learning = LearningStream(run)
     check_late = window_rows is not None and len(windows) > 1
     carried: pa.Table | None = None
     for i, (a, b) in enumerate(windows):
@@ -119,7 +123,11 @@ def _tally_run(
             progress(f"window {i + 1}/{len(windows)} (iterations {a}-{b})", i / max(len(windows), 1))
         raw_parts = [p for p in run.parts.get("raw_rewards", ()) if p.last_iteration >= a and p.first_iteration <= b]
         reps = [p for p in rep_parts if p.last_iteration >= a and p.first_iteration <= b]
-        w = read_window(run, raw_parts, reps, a, b, carried, ctx.rep_index, left_out)
+        w = read_window(run, raw_parts, reps, a, b, carried, ctx.rep_index, left_out, learning, last=i == len(windows) - 1)
+        if check_late and w.batch_pairs is not None and ctx.closed:  # batch rows of an episode closed before
+            runners, episodes = w.batch_pairs
+            h_runner, h_episode = _pair_hashes(runners, episodes)
+            _refuse_late(ctx, h_runner ^ h_episode, episodes)
         out.rows_read += w.rows_read
         for runner, n in w.runner_rows.items():
             out.runner_rows[runner] = out.runner_rows.get(runner, 0) + n
@@ -134,13 +142,14 @@ def _tally_run(
         _match(w, ctx)
         _tally(w, ctx, out, a, b)
     out.windows = len(windows)
+    out.clipped_truth = learning.clipped
     out.fallback = ctx.fallback
     return out
 
 
 def plan(run: Run, window_rows: int | None) -> list[tuple[int, int]]:
     """Iteration windows ``[(first, last), ...]`` of about ``window_rows`` raw rows each."""
-    parts = [p for name in ("raw_rewards", "reported_episodes") for p in run.parts.get(name, ())]
+    parts = [p for name in ("raw_rewards", "reported_episodes", "batch_rewards") for p in run.parts.get(name, ())]
     if not parts:
         return []
     lo, hi = min(p.first_iteration for p in parts), max(p.last_iteration for p in parts)
@@ -238,21 +247,32 @@ def _truth(w: Window) -> None:
 # --------------------------------------------------------------------------- 3. close
 
 
+def _pair_hashes(runners: np.ndarray, episodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(runner, episode) identity across windows as 64-bit hashes: the runners' and the
+    episodes' parts, combined by ``^`` (pairwise for equal-length arrays)."""
+    h_runner = pd.util.hash_array(np.asarray(runners, dtype=object)) if len(runners) else np.zeros(0, np.uint64)
+    h_episode = pd.util.hash_array(np.asarray(episodes, dtype=object)) if len(episodes) else np.zeros(0, np.uint64)
+    return h_runner, h_episode * np.uint64(1000003)
+
+
+def _refuse_late(ctx: "_Context", hashes: np.ndarray, episodes: np.ndarray) -> None:
+    """``LateData`` if any of these episodes was closed by an earlier window."""
+    seen = ctx.closed[0]  # every earlier window's closed episodes, sorted
+    late = seen[np.minimum(np.searchsorted(seen, hashes), len(seen) - 1)] == hashes
+    if late.any():
+        raise LateData(f"{int(late.sum())} episodes (e.g. {episodes[np.flatnonzero(late)[0]]}) have rows in a later iteration than the one that closed them")
+
+
 def _close(w: Window, last: bool, check_late: bool, ctx: _Context) -> pa.Table | None:
     """Close what finished or was reported; return the raw rows of the rest."""
     E = w.E
     w.reported = np.bincount(w.p_eid, minlength=E) > 0
     closed = np.ones(E, bool) if last else (w.ep_done | w.reported)
     if check_late:
-        # (runner, episode) identity across windows, as 64-bit hashes of the two strings.
-        h_runner = pd.util.hash_array(np.asarray(w.runners, dtype=object)) if len(w.runners) else np.zeros(0, np.uint64)
-        h_episode = pd.util.hash_array(np.asarray(w.episodes, dtype=object)) if len(w.episodes) else np.zeros(0, np.uint64)
-        hashes = h_runner[w.ep_runner] ^ (h_episode[w.ep_episode] * np.uint64(1000003))
+        h_runner, h_episode = _pair_hashes(w.runners, w.episodes)
+        hashes = h_runner[w.ep_runner] ^ h_episode[w.ep_episode]
         if ctx.closed:
-            seen = ctx.closed[0]  # every earlier window's closed episodes, sorted
-            late = seen[np.minimum(np.searchsorted(seen, hashes), len(seen) - 1)] == hashes
-            if late.any():
-                raise LateData(f"{int(late.sum())} episodes (e.g. {w.episodes[w.ep_episode[np.flatnonzero(late)[0]]]}) have rows in a later iteration than the one that closed them")
+            _refuse_late(ctx, hashes, w.episodes[w.ep_episode])
         if closed.any():  # merge (timsort: two sorted runs, linear)
             ctx.closed = [np.sort(np.concatenate(ctx.closed + [np.sort(hashes[closed])]), kind="stable")]
     w.closed = closed
@@ -605,11 +625,18 @@ def _orphans(w: Window, out: Tally) -> None:
 # --------------------------------------------------------------------------- dashboards
 
 
+def _code(dictionary: np.ndarray, name: str) -> int:
+    """The code of ``name`` in a window's dictionary (-2 when absent: matches no code)."""
+    hits = np.flatnonzero(np.asarray(dictionary, dtype=object) == name)
+    return int(hits[0]) if len(hits) else -2
+
+
 def _dashboard(w: Window, ctx: _Context, out: Tally, a: int, b: int) -> None:
     """What each iteration's dashboard value covers, reduced (see dashboard.py)."""
     if ctx.model not in ("per_call_window", "driver_history") or not len(w.c_eid):
         return
-    shown = np.flatnonzero(~w.c_missing)  # reported values, in RLlib's order (ord)
+    # Reported values, in RLlib's order (ord); the learning phase has no dashboard.
+    shown = np.flatnonzero(~w.c_missing & (w.c_phase != _code(w.phases, Phase.LEARNING.value)))
     if not len(shown):
         return
     # Integer series id (phase, kind, key) and (series, iteration) id per shown value.

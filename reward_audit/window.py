@@ -8,6 +8,7 @@ group-by of the reconciliation is an array pass over dense integers (``factorize
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -17,8 +18,11 @@ import pyarrow.parquet as pq
 
 from . import schema
 from .errors import CorruptRunError, InvalidDataError
-from .schema import Kind, Semantics
+from .schema import Kind, Phase, Semantics
 from .store import DAMAGED_FIX, Part, Run, check_required
+
+if TYPE_CHECKING:
+    from .learning import LearningStream
 
 KINDS = [Kind.AGENT.value, Kind.MODULE.value, Kind.POLICY.value, Kind.EPISODE.value]  # codes 0..3; 4 = any other kind
 AGENT, MODULE, POLICY, EPISODE, OTHER = range(5)
@@ -90,7 +94,7 @@ class KeyMap:
 # --------------------------------------------------------------------------- 1. read
 
 
-def _read_parts(run: Run, table: str, parts: list[Part], columns: list[str], a: int, b: int, with_ord: dict | None) -> tuple[pa.Table, np.ndarray, list[str]]:
+def read_parts(run: Run, table: str, parts: list[Part], columns: list[str], a: int, b: int, with_ord: dict | None) -> tuple[pa.Table, np.ndarray, list[str]]:
     tables, files, file_of = [], [], []
     strings = [c for c in columns if c in _STRINGS]
     for part in parts:
@@ -179,12 +183,17 @@ def codes(*columns: pa.ChunkedArray | None) -> tuple[list[np.ndarray], np.ndarra
 
 
 def read_window(
-    run: Run, raw_parts: list[Part], rep_parts: list[Part], a: int, b: int, carried: pa.Table | None, rep_index: dict, left_out: "LeftOut | None" = None
+    run: Run, raw_parts: list[Part], rep_parts: list[Part], a: int, b: int, carried: pa.Table | None, rep_index: dict, left_out: "LeftOut | None" = None,
+    learning: "LearningStream | None" = None, last: bool = False,
 ) -> Window:
+    """One window's rows, encoded. With ``learning`` (learning.py), also phase ``learning``:
+    copies of the fresh train raw rows and the values of the train episodes that finished
+    here; ``w.batch_pairs`` are the (runner, episodes) names of the window's batch rows."""
     w = Window()
+    w.batch_pairs = None
     w.unknown = {}
     w.duplicates = []  # (table, rows dropped, files): identical copies, de-duplicated
-    raw, w.raw_file, w.raw_files = _read_parts(run, "raw_rewards", raw_parts, RAW_COLUMNS, a, b, None)
+    raw, w.raw_file, w.raw_files = read_parts(run, "raw_rewards", raw_parts, RAW_COLUMNS, a, b, None)
     fresh_files = len(w.raw_files)  # rows from files read now; carried rows were counted before
     if carried is not None and carried.num_rows:
         carried_files = carried.column("file").to_numpy(zero_copy_only=False)
@@ -194,7 +203,7 @@ def read_window(
         w.raw_files += names
         w.raw_file = np.concatenate([w.raw_file, offset + np.searchsorted(names, carried_files)]).astype(np.int32)
         raw = carried if raw is None else pa.concat_tables([raw, carried.cast(raw.schema)])
-    rep, w.rep_file, w.rep_files = _read_parts(run, "reported_episodes", rep_parts, REP_COLUMNS, a, b, rep_index)
+    rep, w.rep_file, w.rep_files = read_parts(run, "reported_episodes", rep_parts, REP_COLUMNS, a, b, rep_index)
     w.rows_read = (raw.num_rows if raw is not None else 0) + (rep.num_rows if rep is not None else 0)
     if rep is not None:  # values this reward_audit cannot rebuild are counted, not compared
         (sem,), values = codes(rep.column("semantics"))
@@ -208,18 +217,55 @@ def read_window(
     if left_out:
         raw, w.raw_file = left_out.apply(raw, w.raw_file)
         rep, w.rep_file = left_out.apply(rep, w.rep_file)
+    if learning:
+        raw, rep = _learning(w, run, learning, raw, rep, a, b, fresh_files, left_out, last)
     _encode(w, raw, rep)
-    keep_raw = _unique_rows(w, "raw_rewards", [w.r_runner, w.r_episode, w.chunk, w.r_agent], raw, w.raw_file, w.raw_files, RAW_VALUES)
-    keep_rep = _unique_rows(w, "reported_episodes", [w.p_runner, w.p_episode, w.p_kind_code, w.p_agent, w.p_module, w.call], rep, w.rep_file, w.rep_files, REP_VALUES)
+    # Identical copies; the learning rows are copies by design (and checked as batch rows).
+    keep_raw, note_raw = _unique_recorded(w, "raw_rewards", [w.r_runner, w.r_episode, w.chunk, w.r_agent], raw, w.raw_file, w.raw_files, RAW_VALUES)
+    keep_rep, note_rep = _unique_recorded(w, "reported_episodes", [w.p_runner, w.p_episode, w.p_kind_code, w.p_agent, w.p_module, w.call], rep, w.rep_file, w.rep_files, REP_VALUES)
+    w.duplicates += [n for n in (note_raw, note_rep) if n]
     if keep_raw is not None or keep_rep is not None:  # rare: identical copies, encode again without them
         if keep_raw is not None:
             raw, w.raw_file = raw.filter(pa.array(keep_raw)), w.raw_file[keep_raw]
         if keep_rep is not None:
             rep, w.rep_file = rep.filter(pa.array(keep_rep)), w.rep_file[keep_rep]
         _encode(w, raw, rep)
-    fresh = w.raw_file < fresh_files
-    w.runner_rows = dict(zip(w.runners, np.bincount(w.r_runner[fresh], minlength=len(w.runners)).tolist())) if fresh.any() else {}
+    fresh = (w.raw_file < fresh_files) & (w.r_runner < w.n_runners)  # not the learning copies
+    w.runner_rows = dict(zip(w.runners[: w.n_runners], np.bincount(w.r_runner[fresh], minlength=w.n_runners).tolist())) if fresh.any() else {}
     return w
+
+
+def _learning(
+    w: Window, run: Run, learning: "LearningStream", raw: pa.Table | None, rep: pa.Table | None, a: int, b: int, fresh_files: int, left_out: "LeftOut | None", last: bool
+) -> tuple[pa.Table | None, pa.Table | None]:
+    """``raw`` and ``rep`` with the window's ``learning`` rows appended (learning.py):
+    copies of the fresh train raw rows, and the values of the train episodes done here."""
+    batch, read, duplicates = learning.batch(a, b)
+    w.rows_read += read
+    w.duplicates += duplicates
+    if left_out and batch is not None:
+        batch, _ = left_out.apply(batch, np.zeros(batch.num_rows, np.int32))
+    if batch is not None and batch.num_rows:
+        (r,), runners = codes(batch.column("runner_id"))
+        (e,), episodes = codes(batch.column("episode_id"))
+        nr = max(len(runners), 1)
+        _, pairs = factorize(e * nr + r, max(len(episodes), 1) * nr)
+        w.batch_pairs = (runners[pairs % nr], episodes[pairs // nr])
+    done = None
+    if raw is not None and raw.num_rows:
+        fresh = (w.raw_file < fresh_files) & pc.equal(raw.column("phase").cast(pa.string()), Phase.TRAIN.value).to_numpy(zero_copy_only=False)
+        if fresh.any():
+            train = raw.filter(pa.array(fresh))
+            done = train.filter(train.column("episode_done")).select(["runner_id", "episode_id"])
+            raw = pa.concat_tables([raw, learning.copies(train)])
+            w.raw_file = np.concatenate([w.raw_file, w.raw_file[fresh]])
+    values = learning.values(batch, done, last)
+    if values is None or not values.num_rows:
+        return raw, rep
+    w.rep_file = np.concatenate([w.rep_file, np.full(values.num_rows, len(w.rep_files), w.rep_file.dtype)])
+    w.rep_files.append(f"{run.path}/batch_rewards")
+    values = values.cast(pa.schema([pa.field(f.name, _DICT if f.name in _STRINGS else f.type) for f in values.schema]))
+    return raw, values if rep is None else pa.concat_tables([rep, values.cast(rep.schema)])
 
 
 RAW_VALUES = ["module_id", "reward", "pre_obs_reward", "n_rewards", "n_pre_obs", "episode_done", "reward_cancel", "reward_bits", "reward_clipped"]
@@ -248,17 +294,49 @@ class LeftOut:
         return t.filter(pa.array(keep)), file_of[keep]
 
 
-def _unique_rows(w: Window, table: str, key_codes: list[np.ndarray], t: pa.Table | None, file_of: np.ndarray, files: list[str], values: list[str]) -> np.ndarray | None:
-    """None if every row's key is unique (the usual case, one hash pass). Else the mask of
-    rows to keep: an identical copy of a row (a part copied under a second name, a runner
-    drained twice) is dropped and noted; two rows with one key and different values are
-    contradictory data, an error naming both files."""
-    if t is None or not t.num_rows:
-        return None
+def _unique_recorded(w: Window, table: str, key_codes: list[np.ndarray], t: pa.Table | None, file_of: np.ndarray, files: list[str], values: list[str]) -> tuple[np.ndarray | None, tuple | None]:
+    """``unique_rows`` over the rows reward_audit recorded, not the window's learning copies
+    (runner codes from ``w.n_runners`` on)."""
+    if t is None or len(w.runners) == w.n_runners:
+        return unique_rows(table, key_codes, t, file_of, files, values)
+    mine = key_codes[0] < w.n_runners
+    if mine.all():
+        return unique_rows(table, key_codes, t, file_of, files, values)
+    rows = np.flatnonzero(mine)
+    if not _may_repeat([k[rows] for k in key_codes]):
+        return None, None
+    keep, note = unique_rows(table, [k[rows] for k in key_codes], t.take(pa.array(rows)), file_of[rows], files, values)
+    if keep is None:
+        return None, None
+    full = np.ones(len(mine), bool)
+    full[rows[~keep]] = False
+    return full, note
+
+
+def _may_repeat(key_codes: list[np.ndarray]) -> bool:
+    """Whether two rows may share a key: one hash per row and a sort (a hash collision only
+    sends the caller to the exact check)."""
+    if not len(key_codes) or len(key_codes[0]) < 2:
+        return False
+    hashed = np.zeros(len(key_codes[0]), np.uint64)
+    for i, c in enumerate(key_codes):
+        hashed ^= pd.util.hash_array(np.asarray(c, np.int64)) * np.uint64(2 * i + 1)
+    ordered = np.sort(hashed)
+    return bool((ordered[1:] == ordered[:-1]).any())
+
+
+def unique_rows(table: str, key_codes: list[np.ndarray], t: pa.Table | None, file_of: np.ndarray, files: list[str], values: list[str]) -> tuple[np.ndarray | None, tuple | None]:
+    """``(None, None)`` if every row's key is unique (the usual case: one hash and one sort).
+    Else the mask of rows to keep and the note ``(table, rows dropped, files)``: an identical
+    copy of a row (a part copied under a second name, a runner drained twice) is dropped and
+    noted; two rows with one key and different values are contradictory data, an error
+    naming both files."""
+    if t is None or not t.num_rows or not _may_repeat(key_codes):
+        return None, None
     frame = pd.DataFrame({str(i): c for i, c in enumerate(key_codes)})
     dup = frame.duplicated(keep=False).to_numpy()
     if not dup.any():
-        return None
+        return None, None
     rows = np.flatnonzero(dup)
     sub = t.take(pa.array(rows)).select(values).to_pandas()
     sub.columns = [f"v{i}" for i in range(len(values))]
@@ -277,8 +355,7 @@ def _unique_rows(w: Window, table: str, key_codes: list[np.ndarray], t: pa.Table
         )
     keep = np.ones(t.num_rows, bool)
     keep[sub.loc[sub.duplicated(keys, keep="first"), "row"].to_numpy()] = False
-    w.duplicates.append((table, int((~keep).sum()), sorted({files[file_of[r]] for r in rows})))
-    return keep
+    return keep, (table, int((~keep).sum()), sorted({files[file_of[r]] for r in rows}))
 
 
 def _describe(t: pa.Table, row: int) -> str:
@@ -296,6 +373,14 @@ def _encode(w: Window, raw: pa.Table | None, rep: pa.Table | None) -> None:
     (w.r_agent, w.p_agent), w.agents = codes(col(raw, "agent_id"), col(rep, "agent_id"))
     (w.r_module, w.p_module), w.modules = codes(col(raw, "module_id"), col(rep, "module_id"))
     (w.r_phase, w.p_phase), w.phases = codes(col(raw, "phase"), col(rep, "phase"))
+    # Phase `learning` rows (learning.py) are copies of train episodes: their runners get
+    # codes of their own, so each copy is an episode apart from its train original.
+    w.n_runners = len(w.runners)
+    learning = np.flatnonzero(w.phases == Phase.LEARNING.value)
+    if len(learning) and w.n_runners:
+        w.r_runner = np.where(w.r_phase == learning[0], w.r_runner + w.n_runners, w.r_runner)
+        w.p_runner = np.where(w.p_phase == learning[0], w.p_runner + w.n_runners, w.p_runner)
+        w.runners = np.concatenate([w.runners, w.runners])
     (w.p_kind_code,), kinds = codes(col(rep, "kind"))
     kind_map = np.array([KINDS.index(k) if k in KINDS else OTHER for k in kinds] + [OTHER], dtype=np.int64)
     w.p_kind = kind_map[w.p_kind_code] if nrep else np.zeros(0, np.int64)

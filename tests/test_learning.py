@@ -3,12 +3,20 @@ per-episode values, and ``compare`` judges them against the train truth (learnin
 
 from __future__ import annotations
 
+import glob
+import os
+
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from synth import EVAL_RUNNER, RUNNER, SynthRun
 
 from reward_audit import Verdict, compare
-from reward_audit.learning import learning_rows
+from reward_audit.errors import InvalidDataError
+from reward_audit.schema import BATCH_REWARDS
+from reward_audit.learning import finished, learning_rows
 from reward_audit.report import bottom_line, render_text
 from reward_audit.store import RunWriter
 
@@ -24,31 +32,39 @@ def batch(rows: list[tuple]) -> pd.DataFrame:
     )
 
 
+def rows_of(rows: list[tuple], done: set[tuple[str, str]]) -> pd.DataFrame:
+    """``learning_rows`` of the rows of the ``done`` episodes (as ``LearningStream`` picks them)."""
+    table = pa.Table.from_pandas(batch(rows), schema=BATCH_REWARDS, preserve_index=False)
+    finished_rows = table.filter(pa.array(finished(table, pa.table({"runner_id": [r for r, _ in done], "episode_id": [e for _, e in done]}, schema=pa.schema([("runner_id", pa.string()), ("episode_id", pa.string())])))))
+    t = learning_rows(finished_rows)
+    return pa.table({c: t.column(c).cast(pa.string()) if pa.types.is_dictionary(t.column(c).type) else t.column(c) for c in t.column_names}).to_pandas()
+
+
 def values(frame: pd.DataFrame) -> dict:
     return {(r.episode_id, r.kind, r.agent_id if r.kind == "agent" else r.module_id): r.value for r in frame.itertuples()}
 
 
 def test_rows_sum_chunks_per_agent_and_module_of_done_episodes_only():
-    rows = learning_rows(
-        batch([
+    rows = rows_of(
+        [
             (RUNNER, "e1", 0, "0", "p", 1.0), (RUNNER, "e1", 0, "1", "p", 10.0), (RUNNER, "e1", 1, "0", "p", 2.0),
             (RUNNER, "e2", 1, "0", "p", 5.0),  # still running: partial, not compared
-            (EVAL_RUNNER, "e3", 0, "0", "p", 7.0),  # evaluation batches train nothing
-        ]),
-        {(RUNNER, "e1"), (EVAL_RUNNER, "e3")},
+            (EVAL_RUNNER, "e1", 0, "0", "p", 7.0),  # another runner's e1
+        ],
+        {(RUNNER, "e1")},
     )
     assert values(rows) == {("e1", "agent", "0"): 3.0, ("e1", "agent", "1"): 10.0, ("e1", "module", "p"): 13.0}
     assert set(rows["phase"]) == {"learning"} and set(rows["metrics_call"]) == {-1}
-    assert set(rows["iteration"]) == {2}  # the episode's last batch
+    assert dict(zip(rows["kind"] + rows["agent_id"].fillna(""), rows["iteration"])) == {"agent0": 2, "agent1": 1, "module": 2}  # its last batch
 
 
 def test_agents_known_only_by_index_give_module_rows_only():
-    rows = learning_rows(batch([(RUNNER, "e1", 0, "#0", "p0", 1.0), (RUNNER, "e1", 0, "1", "p1", 2.0)]), {(RUNNER, "e1")})
+    rows = rows_of([(RUNNER, "e1", 0, "#0", "p0", 1.0), (RUNNER, "e1", 0, "1", "p1", 2.0)], {(RUNNER, "e1")})
     assert values(rows) == {("e1", "module", "p0"): 1.0, ("e1", "module", "p1"): 2.0}
 
 
 def test_no_batches_no_rows():
-    assert learning_rows(batch([(RUNNER, "e1", 0, "0", "p", 1.0)]), set()).empty
+    assert rows_of([(RUNNER, "e1", 0, "0", "p", 1.0)], set()).empty
 
 
 def record(tmp_path, trained: dict[str, dict[str, float]], reported: dict[str, float]) -> str:
@@ -96,3 +112,116 @@ def test_run_without_batches_has_no_learning_phase(tmp_path):
     run.report("e1", "module", 1.0, module="p0")
     audit = compare(run.write(str(tmp_path / "run")))
     assert not findings(audit) and bottom_line(audit) is None
+
+
+def multi_iteration_run(folder: str, *, leak: bool = False, episodes: int = 40, clip: bool = False) -> str:
+    """Episodes of 2 agents (modules p0, p1) cut into 2 chunks sampled in consecutive
+    iterations (episode k: chunks in iterations 1 + k // 4 and 2 + k // 4), one part per
+    iteration and table, so a small ``window_rows`` streams them over several windows and
+    every episode's batch rows span two of them. ``leak``: agent 0's second-chunk rewards
+    are in p1's training data instead of p0's. ``clip``: rewards of
+    ±2 / ±0.5, recorded as RLlib's old stack does with ``clip_rewards=True`` (Σ sign(r) in
+    ``reward_clipped``; the batch holds the clipped rewards)."""
+    raw, reported, batch = {}, {}, {}
+    for k in range(episodes):
+        ep, first = f"e{k:03d}", 1 + k // 4
+        paid = {"0": [1.0 + k, 2.0 + k], "1": [10.0 * (k + 1), 20.0 * (k + 1)]}
+        if clip:
+            paid = {"0": [2.0, -0.5], "1": [0.5, 2.0 if k % 2 else -2.0]}
+        for c in (0, 1):
+            it = first + c
+            for agent, module in (("0", "p0"), ("1", "p1")):
+                r = paid[agent][c]
+                row = {"phase": "train", "runner_id": RUNNER, "worker_index": 0, "env_index": 0, "episode_id": ep, "chunk_seq": 2 * k + c,
+                       "agent_id": agent, "agent_id_type": "str", "module_id": module, "reward": r, "n_rewards": 1, "pre_obs_reward": 0.0,
+                       "n_pre_obs": 0, "reward_cancel": 0.0, "reward_bits": 53, "episode_done": c == 1, "iteration": it}
+                if clip:
+                    row["reward_clipped"] = float(np.sign(r))
+                raw.setdefault(it, []).append(row)
+                trained = float(np.sign(r)) if clip else r
+                batch.setdefault(it, []).append({"phase": "train", "runner_id": RUNNER, "episode_id": ep, "chunk_seq": 2 * k + c, "agent_id": agent,
+                                                 "module_id": "p1" if leak and c == 1 else module, "reward": trained, "n_rewards": 1, "reward_bits": 53, "iteration": it})
+        for agent, module in (("0", "p0"), ("1", "p1")):
+            value = sum(np.sign(paid[agent])) if clip else sum(paid[agent])
+            reported.setdefault(first + 1, []).append({"phase": "train", "runner_id": RUNNER, "episode_id": ep, "kind": "module", "agent_id": None, "module_id": module,
+                                                       "value": float(value), "semantics": "episode_sum_counted", "metrics_call": first, "iteration": first + 1})
+    writer = RunWriter(folder)
+    from synth import manifest
+
+    writer.write_manifest(manifest(clip_rewards=True) if clip else manifest())
+    for table, rows in (("raw_rewards", raw), ("reported_episodes", reported), ("batch_rewards", batch)):
+        for it, part in rows.items():
+            writer.write_rows(table, part, f"{it:06d}")
+    return folder
+
+
+def learning_of(audit) -> dict:
+    return {(f.kind, f.key): (f.verdict, f.episodes) for f in audit.findings if f.phase == "learning"}
+
+
+@pytest.mark.parametrize("leak", [False, True])
+def test_streamed_windows_judge_like_one_window(tmp_path, leak):
+    """Episodes whose batch rows span two windows are summed over both (carried), and the
+    verdicts are those of the single-window pass."""
+    folder = multi_iteration_run(str(tmp_path / "run"), leak=leak)
+    streamed, whole = compare(folder, window_rows=8), compare(folder, window_rows=None)
+    assert streamed.stats["windows"] > 4 and whole.stats["windows"] == 1
+    expected = {
+        ("module", "p0"): Verdict.DROP if leak else Verdict.CLEAN,
+        ("module", "p1"): Verdict.LEAK if leak else Verdict.CLEAN,
+        ("agent", "0"): Verdict.CLEAN,  # agent 0's rewards are all there, in the wrong module's data
+        ("agent", "1"): Verdict.CLEAN,
+    }
+    for audit in (streamed, whole):
+        got = learning_of(audit)
+        assert {k: v for k, (v, _) in got.items()} == expected, [str(f) for f in audit.findings]
+        assert {n for _, n in got.values()} == {40}  # every episode: 11 iterations, all finished
+        assert not [n for n in audit.notes if "one window" in n]  # no late data: streamed for real
+    assert learning_of(streamed) == learning_of(whole)
+    if leak:  # per episode k, p1 got agent 0's second chunk, 2 + k
+        [p1] = [f for f in streamed.findings if f.phase == "learning" and f.key == "p1"]
+        assert p1.reported - p1.truth == pytest.approx(np.mean([2.0 + k for k in range(40)]))
+        assert all(e.explanation.startswith("reported = truth + agent 0's final-chunk rewards") for e in p1.evidence), p1.evidence
+
+
+def test_batch_rows_after_their_episode_closed_are_audited_in_one_window(tmp_path):
+    folder = multi_iteration_run(str(tmp_path / "run"), episodes=8)
+    late = [{"phase": "train", "runner_id": RUNNER, "episode_id": "e000", "chunk_seq": 99, "agent_id": "1", "module_id": "p1", "reward": 5.0,
+             "n_rewards": 1, "reward_bits": 53, "iteration": 4}]  # e000 finished in iteration 2
+    RunWriter(folder).write_rows("batch_rewards", late, "000004-late")
+    audit = compare(folder, window_rows=4)
+    assert any("audited in one window instead" in n for n in audit.notes), audit.notes
+    [p1] = [f for f in audit.findings if f.phase == "learning" and f.key == "p1"]
+    assert p1.verdict is Verdict.MISMATCH and [(e.episode_id, e.reported - e.truth) for e in p1.evidence] == [("e000", 5.0)]  # counted, not lost
+
+
+def test_clipped_batches_are_compared_with_clipped_rewards(tmp_path):
+    audit = compare(multi_iteration_run(str(tmp_path / "run"), clip=True, episodes=8))
+    assert {v for v, _ in learning_of(audit).values()} == {Verdict.CLEAN}, [str(f) for f in audit.findings]
+    assert any(n.startswith("learning: RLlib clipped the rewards before its training batches (clip_rewards=True)") for n in audit.notes), audit.notes
+
+
+def test_an_unclipped_batch_in_a_clipping_run_is_not_clean(tmp_path):
+    folder = multi_iteration_run(str(tmp_path / "run"), clip=True, episodes=8)
+    wrong = [{"phase": "train", "runner_id": RUNNER, "episode_id": "e007", "chunk_seq": 99, "agent_id": "0", "module_id": "p0", "reward": 1.0,
+              "n_rewards": 1, "reward_bits": 53, "iteration": 3}]  # e007 runs in iterations 2-3: +1 on top of Σ sign(r)
+    RunWriter(folder).write_rows("batch_rewards", wrong, "000003-extra")
+    assert learning_of(compare(folder))[("module", "p0")][0] is Verdict.MISMATCH
+
+
+def test_identical_and_conflicting_copies_of_a_batch_part(tmp_path):
+    import shutil
+
+    folder = multi_iteration_run(str(tmp_path / "run"), episodes=8)
+    part = sorted(glob.glob(f"{folder}/batch_rewards/*.parquet"))[0]
+    shutil.copy(part, part.replace(".parquet", "-copy.parquet"))
+    audit = compare(folder)
+    assert {v for v, _ in learning_of(audit).values()} == {Verdict.CLEAN}
+    # iteration 1 holds the first chunks of e000-e003, two agents each
+    assert any(n.startswith("batch_rewards: 8 rows appeared twice, identical copies") for n in audit.notes), audit.notes
+    os.remove(part.replace(".parquet", "-copy.parquet"))
+    rows = pq.read_table(part).to_pylist()
+    rows[0]["reward"] += 1.0
+    RunWriter(folder).write_rows("batch_rewards", rows, "000001-conflict")
+    with pytest.raises(InvalidDataError, match="batch_rewards row .* twice with different values"):
+        compare(folder)
