@@ -22,6 +22,8 @@ b. *auto evaluation*: ``evaluation_duration="auto"`` + ``evaluation_parallel_to_
    episodes are cut into chunks and LEAK too. 12-step episodes: in training half the episodes
    fit in one 16-step fragment, which shows single-chunk episodes are CLEAN.
 
+c. *old stack*: Ray 2.12's default ``RolloutWorker`` stack, one shared policy: CLEAN throughout.
+
 Phase ``learning`` (docs/learning.md), from the same runs: the chunks ``sample()`` hands to
 training carry each agent's own rewards, so ``learning`` is CLEAN beside the leaking metrics.
 
@@ -306,3 +308,44 @@ def test_auto_evaluation_tap_matches_the_env_ledger(auto_eval):
     evaluation = run.raw[run.raw["phase"] == "evaluation"]
     assert evaluation[evaluation["episode_done"]]["episode_id"].nunique() >= 10
     assert_raw_matches_ledger(SimpleNamespace(raw=evaluation), by_pid[eval_pid], subset=True)
+
+
+# --------------------------------------------------------------------------- c. the old stack
+
+
+def test_old_stack_shared_policy_is_clean_in_both_phases(tmp_path):
+    """Ray 2.12's default stack (``RolloutWorker`` + ``EnvRunnerV2``): three agents on one
+    policy, 30-step episodes in 16-step fragments. Metrics and training batches (float32
+    rewards, agents named from ``EpisodeV2._agent_to_index``) are both CLEAN. A 5-second run,
+    the only 2.12 old-stack scenario, so the old adapter's 2.12 path is covered."""
+    from ray.rllib.algorithms.ppo import PPOConfig
+
+    from reward_audit import RewardAuditCallback
+    from reward_audit.envs import ScaledRewardsEnv, map_all_shared
+
+    out, led = str(tmp_path / "trial"), str(tmp_path / "ledger")
+    os.makedirs(led)
+    env_config = {"agents": [0, 1, 2], "episode_len": 30, "random_rewards": True, "ledger_dir": led}
+    config = (
+        PPOConfig()
+        .framework("torch")
+        .environment(ScaledRewardsEnv, env_config=env_config, disable_env_checking=True)
+        .rollouts(num_rollout_workers=0, rollout_fragment_length=16)
+        .training(train_batch_size=128, sgd_minibatch_size=64, num_sgd_iter=1, model={"fcnet_hiddens": [8]})
+        .multi_agent(policies={"shared"}, policy_mapping_fn=map_all_shared)
+        .evaluation(evaluation_interval=1, evaluation_duration=2, evaluation_duration_unit="episodes", evaluation_num_workers=0)
+        .callbacks(RewardAuditCallback.writing_to(out))
+    )
+    train(config, 2)
+    code, findings = cli_findings(out)
+    assert code == 0, findings
+    assert findings[("train", "policy", "shared")]["verdict"] == "CLEAN" and findings[("evaluation", "policy", "shared")]["verdict"] == "CLEAN"
+    for key in [("module", "shared"), ("agent", "0"), ("agent", "1"), ("agent", "2")]:
+        f = findings[("learning", *key)]
+        assert f["verdict"] == "CLEAN" and f["episodes"] >= 4, f
+    assert bottom_line(compare(out)).startswith("metrics: CLEAN · training batches: CLEAN — ")
+    run = load_run(out)
+    assert (run.manifest["ray_version"], run.manifest["api_stack"]) == ("2.12.0", "old")
+    batch = run.read("batch_rewards").to_pandas()
+    assert set(batch["reward_bits"]) == {24} and set(batch["agent_id"]) == {"0", "1", "2"}
+    assert_raw_matches_ledger(run, [line for lines in ledger_by_pid(led).values() for line in lines])
