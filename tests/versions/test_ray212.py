@@ -21,7 +21,6 @@ b. *auto evaluation*: ``evaluation_duration="auto"`` + ``evaluation_parallel_to_
    one remote evaluation runner, which samples >= 100 timesteps per round, so evaluation
    episodes are cut into chunks and LEAK too. 12-step episodes: in training half the episodes
    fit in one 16-step fragment, which shows single-chunk episodes are CLEAN.
-
 c. *old stack*: Ray 2.12's default ``RolloutWorker`` stack, one shared policy: CLEAN throughout.
 
 Phase ``learning`` (docs/learning.md), from the same runs: the chunks ``sample()`` hands to
