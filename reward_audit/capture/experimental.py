@@ -81,7 +81,13 @@ Change log — what the numbers mean (line numbers: Ray 2.12.0,
   Rewards of an agent not yet observed wait in ``_hanging_rewards_begin`` (:510, :593)
   and are in no agent's episode — the same pre-observation rule as the metrics.
   ``finalize(drop_zero_len_single_agent_episodes=True)`` (:764-766) drops agents without a
-  step in the chunk (no rewards to lose). Frozen modules (``policies_to_train``) are
+  step in the chunk (no rewards to lose). Not run, read only: at a cut, a reward held for an
+  agent waiting for its next observation (``_hanging_rewards_end``) becomes the successor's
+  ``_hanging_rewards_begin`` (:971), which ``add_env_step`` never releases (it pops only
+  ``_hanging_rewards_end``, :492), so in a turn-based env such a reward would be in no
+  chunk's batch (and no metric). The reference scenarios are simultaneous-move (2.12's PPO
+  learner failed on a turn-based env's batches, a ``TypeError`` in ``SampleBatch._slice``),
+  so that case is unverified. Frozen modules (``policies_to_train``) are
   sampled like the others: their chunks leave the runner too and are audited; whether the
   learner updates them is not what this phase checks.
 * driver side: ``algorithm.workers`` / ``algorithm.evaluation_workers`` (``WorkerSet``),
