@@ -155,7 +155,8 @@ CHUNK_LEAK = KnownBug(
     exposed_when="new (2.1x: experimental) API stack, several agents, and episodes longer than `rollout_fragment_length` "
     "(`batch_mode='truncate_episodes'`)",
     verified="recorded on 2.12.0 (fixtures/runs/ray212_newstack_leak); `get_metrics()` source: `+= eps2.get_return()` "
-    "in 2.10.0, 2.20.0, 2.23.0, per-agent `return_sa` from 2.24.0",
+    "in 2.10.0, 2.20.0, 2.23.0, per-agent `return_sa` from 2.24.0; training batches (phase `learning`) CLEAN on 2.12.0 "
+    "(fixtures/runs/ray212_seed_learning)",
     looks_like="LEAK; every wrong value from a multi-chunk episode; reported = truth + other agents' earlier-chunk rewards",
     signature=_chunk_leak,
 )
@@ -173,7 +174,8 @@ SHARED_MODULE = KnownBug(
     training=False,
     exposed_when="new API stack and several agents mapped to one module (a shared policy, self-play)",
     verified="recorded on 2.53.0 (fixtures/runs/ray253_shared_module_drop); `get_metrics()` source: dict comprehension "
-    "over `agent_episodes` in 2.20.0 and 2.53.0, `+=` from 2.54.0 (2.12 reports per (agent, module) only)",
+    "over `agent_episodes` in 2.20.0 and 2.53.0, `+=` from 2.54.0 (2.12 reports per (agent, module) only); training "
+    "batches (phase `learning`) CLEAN on 2.53.0 (tests/versions/test_ray253.py)",
     looks_like="DROP on the shared module; reported = truth − the other agents' final-chunk rewards; per-agent values CLEAN",
     signature=_shared_module,
 )

@@ -184,6 +184,96 @@ def test_ray212_fixture_tap_matches_the_env_ledger():
     assert_raw_matches_ledger(load_run(RAY212_LEAK), lines)
 
 
+# --------------------------------------------------------------------------- Ray 2.12: metrics LEAK, batches CLEAN
+# fixtures/runs/ray212_seed_learning: the same Ray 2.12.0 seed scenario, recorded with the
+# training batches (fixtures/make_fixtures.py, `ray212_seed_learning`). Read by hand from the
+# Parquet files with pyarrow: train episode 189dddfc... ran over three sample() calls of the
+# local runner (chunk_seq 3, 4, 5: 4 + 16 + 10 steps); crc32(id) % 10 == 0, so agent 0 sat as
+# the frozen p3 and agent 1 as p2. The batch rows of each chunk carry what the env paid that
+# agent in that chunk (the last digits of chunk 5's agent 0 differ: np.sum over the batch's 10
+# rewards vs the tap's running sum).
+RAY212_LEARN = os.path.join(RUNS, "ray212_seed_learning")
+LEARN_EPISODE = "189dddfcdc97418f91f4a4ced7703b27"
+LEARN_RAW = {  # (chunk_seq, agent) -> reward the env paid (raw_rewards)
+    (3, "0"): 3.684246658250431, (3, "1"): 39.70254073935578,
+    (4, "0"): 16.379773966527836, (4, "1"): 155.35558936264923,
+    (5, "0"): 10.684440264887021, (5, "1"): 93.9135750997229,
+}
+LEARN_BATCH = {**LEARN_RAW, (5, "0"): 10.684440264887023}  # batch_rewards: what sample() handed to training
+LEARN_REPORTED = {("0", "p3"): 225.8065909916703, ("1", "p2"): 309.03572582650617}  # RLlib 2.12's RolloutMetrics.agent_rewards
+# Counted by hand over the 17 finished training episodes' raw rows: seats per policy, and the
+# mean of each policy's per-episode truth (= the mean of its per-episode batch sums).
+LEARN_SEATS = {"p1": 13, "p2": 11, "p3": 4, "p4": 6}
+LEARN_TRUTH_MEAN = {"p1": 30.134364766403067, "p2": 298.7928676635655, "p3": 30.768480794419247, "p4": 294.7938123742968}
+BOTH_PHASES = "metrics: LEAK · training batches: CLEAN — the policies were trained on the right rewards; only the reported numbers are wrong"
+
+
+def test_ray212_learning_fixture_numbers_by_hand():
+    """The Parquet files alone: the frozen p3's and the trained p2's batches hold exactly
+    their own agent's rewards, chunk by chunk; RLlib's reported values hold the other
+    agent's earlier chunks on top."""
+    raw = [r for r in _parquet_rows(RAY212_LEARN, "raw_rewards") if r["episode_id"] == LEARN_EPISODE]
+    assert {(r["chunk_seq"], r["agent_id"]): r["reward"] for r in raw} == LEARN_RAW
+    assert {(r["agent_id"], r["module_id"]) for r in raw} == {("0", "p3"), ("1", "p2")} and {r["pre_obs_reward"] for r in raw} == {0.0}
+    assert sorted((r["chunk_seq"], r["n_rewards"], r["episode_done"]) for r in raw if r["agent_id"] == "0") == [(3, 4, False), (4, 16, False), (5, 10, True)]
+    batch = [r for r in _parquet_rows(RAY212_LEARN, "batch_rewards") if r["episode_id"] == LEARN_EPISODE]
+    assert {(r["chunk_seq"], r["agent_id"]): r["reward"] for r in batch} == LEARN_BATCH
+    assert {(r["agent_id"], r["module_id"], r["phase"]) for r in batch} == {("0", "p3", "train"), ("1", "p2", "train")}
+    assert sorted((r["chunk_seq"], r["n_rewards"]) for r in batch if r["agent_id"] == "1") == [(3, 4), (4, 16), (5, 10)]
+    truth = {a: sum(v for (_, agent), v in LEARN_RAW.items() if agent == a) for a in "01"}  # 30.7484..., 288.9717...
+    trained_on = {a: sum(v for (_, agent), v in LEARN_BATCH.items() if agent == a) for a in "01"}
+    assert trained_on["0"] == pytest.approx(truth["0"], abs=1e-12) and trained_on["1"] == pytest.approx(truth["1"], abs=1e-12)
+    reported = {(r["agent_id"], r["module_id"]): r["value"] for r in _parquet_rows(RAY212_LEARN, "reported_episodes") if r["episode_id"] == LEARN_EPISODE and r["kind"] == "policy"}
+    assert reported == LEARN_REPORTED
+    earlier = {a: LEARN_RAW[(3, a)] + LEARN_RAW[(4, a)] for a in "01"}
+    assert LEARN_REPORTED[("0", "p3")] - truth["0"] == pytest.approx(earlier["1"], abs=1e-9)  # +195.058: agent 1's chunks 3, 4
+    assert LEARN_REPORTED[("1", "p2")] - truth["1"] == pytest.approx(earlier["0"], abs=1e-9)  # +20.064: agent 0's chunks 3, 4
+    # Nothing from evaluation: its samples train nothing.
+    assert {r["phase"] for r in _parquet_rows(RAY212_LEARN, "batch_rewards")} == {"train"}
+
+
+def test_ray212_learning_fixture_metrics_leak_and_batches_are_clean():
+    audit = compare(RAY212_LEARN)
+    assert audit.manifest["ray_version"] == "2.12.0" and audit.manifest["adapter"] == "experimental-new-stack-2.1x"
+    by_key = {(f.phase, f.kind, f.key): f for f in audit.findings}
+    assert {k for k, f in by_key.items() if f.verdict.is_failure} == {("train", "policy", p) for p in LEARN_SEATS}
+    for p, seats in LEARN_SEATS.items():
+        metric, learned = by_key[("train", "policy", p)], by_key[("learning", "module", p)]
+        assert (metric.verdict, metric.episodes, metric.counts) == (Verdict.LEAK, seats, {"LEAK": seats})
+        assert (learned.verdict, learned.episodes) == (Verdict.CLEAN, seats), str(learned)
+        assert learned.truth == pytest.approx(LEARN_TRUTH_MEAN[p], abs=1e-9) and learned.reported == pytest.approx(LEARN_TRUTH_MEAN[p], abs=1e-9)
+        assert metric.truth == pytest.approx(LEARN_TRUTH_MEAN[p], abs=1e-9) and metric.reported > metric.truth + 10
+    for agent in "01":
+        assert (by_key[("learning", "agent", agent)].verdict, by_key[("learning", "agent", agent)].episodes) == (Verdict.CLEAN, 17)
+    assert {k for k in by_key if k[0] == "learning"} == {("learning", "module", p) for p in LEARN_SEATS} | {("learning", "agent", a) for a in "01"}
+    assert {by_key[k].verdict for k in by_key if k[0] == "evaluation"} == {Verdict.CLEAN}
+    [e] = [e for e in by_key[("train", "policy", "p3")].evidence if e.episode_id == LEARN_EPISODE]
+    assert (e.chunks, e.reported) == (3, LEARN_REPORTED[("0", "p3")])
+    from reward_audit.report import bottom_line
+
+    assert bottom_line(audit) == BOTH_PHASES
+
+
+def test_ray212_learning_fixture_cli_without_ray():
+    """Both phases and the bottom line from `reward-audit compare`, with Ray unimportable."""
+    code = "import sys; sys.modules['ray'] = None\nfrom reward_audit.cli import main\n" f"main(['compare', {RAY212_LEARN!r}])\n"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert any(line.split()[:3] == ["train", "policy", "p3"] and line.endswith("LEAK") for line in lines), proc.stdout
+    assert any(line.split()[:3] == ["learning", "module", "p3"] and line.endswith("CLEAN") for line in lines), proc.stdout
+    assert BOTH_PHASES in lines, proc.stdout
+
+
+def test_ray212_learning_fixture_tap_matches_the_env_ledger():
+    from helpers import assert_raw_matches_ledger
+
+    with open(os.path.join(RAY212_LEARN, "env_ledger.jsonl")) as f:
+        lines = [json.loads(line) for line in f]
+    assert len(lines) == 21  # 17 training + 4 evaluation episodes finished
+    assert_raw_matches_ledger(load_run(RAY212_LEARN), lines)
+
+
 # ----------------------------------------------------------------- attribution and dashboards
 
 

@@ -5,7 +5,7 @@ rewards and capture RLlib's per-episode returns. All version ``if``s live in ``d
 | --- | --- | --- |
 | 2.4x – 2.60 | new (``MultiAgentEnvRunner``) | ``newstack.NewStackAdapter`` |
 | 2.10 – 2.3x | experimental new (``_enable_new_api_stack=True`` + ``env_runner_cls=MultiAgentEnvRunner``; verified on 2.12 only) | ``experimental.ExperimentalNewStackAdapter`` |
-| 2.10 – 2.60 | old (``RolloutWorker`` + ``EnvRunnerV2``; verified on 2.12 and 2.60) | ``oldstack.OldStackAdapter`` |
+| 2.10 – 2.60 | old (``RolloutWorker`` + ``EnvRunnerV2``; verified on 2.12, 2.53 and 2.60) | ``oldstack.OldStackAdapter`` |
 
 Other families (the 2.1x old stack with ``enable_connectors=False``, i.e. the legacy
 sampler; Ray < 2.10) raise ``UnsupportedRayError`` from ``detect()``; the callback then logs the reason once and

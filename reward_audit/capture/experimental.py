@@ -67,6 +67,29 @@ Change log — what the numbers mean (line numbers: Ray 2.12.0,
 * mapping: ``MultiAgentEpisode.agent_episodes[aid].module_id`` plus the private
   ``_agent_to_module_mapping`` (``env/multi_agent_episode.py:184``, filled by ``module_for``
   at :992-1012). ``cut()`` carries the module ids into the continuation chunk (:960-962).
+* training data (phase ``learning``): ``sample()`` (:93-163) returns what
+  ``_sample_timesteps`` (:165-396) or ``_sample_episodes`` (:398-568) built — a list of
+  ``MultiAgentEpisode``: the done episodes plus the finalized chunk of the ongoing one
+  (``done_episodes_to_return + ongoing_episodes_to_return``, :396) — and hands that same
+  list to ``on_sample_end(env_runner=self, samples=samples)`` (:161) before returning it.
+  So ``batch_ends`` is the 2.4x+ one: per agent, ``get_rewards()`` of its
+  ``SingleAgentEpisode`` (``single_agent_episode.py:985-1054``; no indices = ``ts=0`` to
+  the end, the lookback buffer that ``cut()`` copies into the continuation chunk,
+  ``multi_agent_episode.py:931-966``, excluded — ``get_return()`` at :1568-1581 sums the
+  same), keyed by ``module_id`` (set by ``module_for`` when the agent's single-agent
+  episode is made, ``multi_agent_episode.py:322-325``, and carried by ``cut()``, :960-962).
+  Rewards of an agent not yet observed wait in ``_hanging_rewards_begin`` (:510, :593)
+  and are in no agent's episode — the same pre-observation rule as the metrics.
+  ``finalize(drop_zero_len_single_agent_episodes=True)`` (:764-766) drops agents without a
+  step in the chunk (no rewards to lose). Not run, read only: at a cut, a reward held for an
+  agent waiting for its next observation (``_hanging_rewards_end``) becomes the successor's
+  ``_hanging_rewards_begin`` (:971), which ``add_env_step`` never releases (it pops only
+  ``_hanging_rewards_end``, :492), so in a turn-based env such a reward would be in no
+  chunk's batch (and no metric). The reference scenarios are simultaneous-move (2.12's PPO
+  learner failed on a turn-based env's batches, a ``TypeError`` in ``SampleBatch._slice``),
+  so that case is unverified. Frozen modules (``policies_to_train``) are
+  sampled like the others: their chunks leave the runner too and are audited; whether the
+  learner updates them is not what this phase checks.
 * driver side: ``algorithm.workers`` / ``algorithm.evaluation_workers`` (``WorkerSet``),
   ``foreach_worker(fn, local_worker=True)`` (``evaluation/worker_set.py:739-793``).
 """
@@ -96,6 +119,9 @@ class ExperimentalNewStackAdapter(Adapter):
     # multi_agent_episode.py:184; ``cut()`` keeps ``id_`` and module ids).
     mapping_of = NewStackAdapter.mapping_of
     episode_id = NewStackAdapter.episode_id
+    # ``on_sample_end(samples=...)`` gets the same list of MultiAgentEpisode chunks as on
+    # 2.4x+ (2.12 multi_agent_env_runner.py:161, :396; see the change log above).
+    batch_ends = NewStackAdapter.batch_ends
 
     def on_env(self, kwargs: dict) -> RunnerRecorder | None:
         runner = kwargs["env_runner"]

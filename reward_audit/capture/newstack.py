@@ -20,7 +20,9 @@ Change log — what the numbers meant, per Ray version:
   ``module_episode_returns[m] += ...``). This adapter records 2.53 unchanged: the same
   ``get_metrics()`` / ``_log_episode_metrics(self, length, ret, sec, agents=None,
   modules=None, agent_steps=None)`` signatures (2.53.0 ``:621``, ``:1005``), verified by
-  ``tests/versions/test_ray253.py``, which sees the bug as DROP.
+  ``tests/versions/test_ray253.py``, which sees the bug as DROP. The bug is in the
+  metrics only: the chunks ``sample()`` hands to training (``on_sample_end(samples=...)``,
+  ``:243-254``) carry every agent's rewards, and phase ``learning`` is CLEAN there.
 * Ray 2.60 (and every version with ``MultiAgentEpisode.cut()``): a reward paid to an agent
   while it waits for its next observation is booked with that observation, possibly in a
   later chunk (``_hanging_rewards_end``; the recorder books it the same way). When a
@@ -120,7 +122,13 @@ class NewStackAdapter(Adapter):
         """``samples`` is what ``MultiAgentEnvRunner.sample()`` returns (2.60
         ``multi_agent_env_runner.py:291-300``): done episodes and cut chunks of ongoing ones,
         all sharing their episode's ``id_``. Per agent, its chunk's ``get_rewards()`` (no
-        lookback) is what the learner connectors turn into the module's training batch."""
+        lookback) is what the learner connectors turn into the module's training batch.
+
+        Same call in 2.53 (``multi_agent_env_runner.py:243-254``, the list built at
+        ``:529-560``; zero-length agent episodes pruned, ``:1067-1070``) and in 2.12's
+        experimental stack (``capture/experimental.py``). Verified by real runs on 2.53.0 and
+        2.60.0 (``tests/versions/``): ``learning`` CLEAN, also where 2.53's metrics DROP a
+        shared module's agents — the batches carry every agent's rewards."""
         sums = []
         for episode in samples or ():
             agent_episodes = getattr(episode, "agent_episodes", None)

@@ -228,7 +228,15 @@ class OldStackAdapter(Adapter):
         (2.60 ``rollout_worker.py:682-684``): per policy, one row per agent step with
         ``rewards``, ``eps_id`` and ``agent_index`` (``env_runner_v2.py:545, 594, 770``:
         ``episode.agent_index(agent_id)``). Grouped per (eps_id, agent_index) with numpy; the
-        agent is named from the episode's index map, else recorded as ``#<agent_index>``."""
+        agent is named from the episode's index map, else recorded as ``#<agent_index>``.
+
+        The same code in 2.12 and 2.53 (line numbers 2.12 / 2.53 / 2.60):
+        ``on_sample_end(worker=self, samples=batch)`` right after ``concat_samples``
+        (``rollout_worker.py:721-723`` / ``:706-708`` / ``:682-684``); the ``agent_index``
+        column (``env_runner_v2.py:563, 612, 788`` / ``:545, 594, 770`` / same); the index map
+        (``episode_v2.py:87, 144-158`` / ``:88, 145-159`` / same); float32 rewards
+        (``collectors/agent_collector.py:30``, all three). Verified by real runs on 2.12.0,
+        2.53.0 and 2.60.0 (``tests/versions/``): ``learning`` CLEAN, shared policies included."""
         batches = getattr(samples, "policy_batches", None)
         if batches is None:
             batches = {} if samples is None else {"default_policy": samples}

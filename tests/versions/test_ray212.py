@@ -21,6 +21,10 @@ b. *auto evaluation*: ``evaluation_duration="auto"`` + ``evaluation_parallel_to_
    one remote evaluation runner, which samples >= 100 timesteps per round, so evaluation
    episodes are cut into chunks and LEAK too. 12-step episodes: in training half the episodes
    fit in one 16-step fragment, which shows single-chunk episodes are CLEAN.
+c. *old stack*: Ray 2.12's default ``RolloutWorker`` stack, one shared policy: CLEAN throughout.
+
+Phase ``learning`` (docs/learning.md), from the same runs: the chunks ``sample()`` hands to
+training carry each agent's own rewards, so ``learning`` is CLEAN beside the leaking metrics.
 
 Selected only by ``-m ray212`` (``tests/versions/conftest.py``), in a Ray 2.12 environment::
 
@@ -40,6 +44,7 @@ import pytest
 
 from helpers import assert_raw_matches_ledger, cli_compare, cli_findings, experimental_stack_ppo_config, train
 from reward_audit import compare, load_run
+from reward_audit.report import bottom_line
 
 pytestmark = pytest.mark.ray212
 
@@ -202,6 +207,50 @@ def test_seed_tap_matches_the_env_ledger(seed):
     assert_raw_matches_ledger(run, lines)
 
 
+def test_seed_training_batches_are_clean_while_the_metrics_leak(seed):
+    """Phase ``learning``: what the local train runner's ``sample()`` handed to training
+    (``on_sample_end(samples=...)``) carries each agent's own rewards, on every policy's
+    module, the frozen p3 / p4 included (their chunks leave the runner like the others)."""
+    audit = compare(seed.out)
+    learning = {(f.kind, f.key): f for f in audit.findings if f.phase == "learning"}
+    seated = set(seed.run.raw.loc[seed.run.raw["phase"] == "train", "module_id"])
+    assert {"p3", "p4"} & seated
+    assert set(learning) == {("module", p) for p in seated} | {("agent", "0"), ("agent", "1")}, sorted(learning)
+    for key, f in learning.items():
+        assert f.verdict.value == "CLEAN" and f.episodes > 0, str(f)
+    # 3 iterations of 256 steps, 30-step episodes: ~25 done training episodes, each agent in all.
+    assert learning[("agent", "0")].episodes >= 20 and learning[("agent", "1")].episodes == learning[("agent", "0")].episodes
+    assert {f.verdict.value for f in audit.findings if f.phase == "train" and f.kind == "policy"} == {"LEAK"}
+    assert bottom_line(audit) == (
+        "metrics: LEAK · training batches: CLEAN — the policies were trained on the right rewards; only the reported numbers are wrong"
+    )
+    assert audit.manifest.get("capture_failures") in (None, 0)
+    batch = seed.run.read("batch_rewards").to_pandas()
+    assert set(batch["phase"]) == {"train"} and {"p3", "p4"} & set(batch["module_id"])
+
+
+def test_seed_one_episode_batch_by_hand(seed):
+    """One multi-chunk training episode, from the Parquet rows alone: per agent and chunk
+    the batch carries exactly what the env paid (same ``chunk_seq``: the same ``sample()``
+    call), while RLlib's reported policy value carries the other agent's earlier chunks."""
+    raw = seed.run.raw[seed.run.raw["phase"] == "train"]
+    batch = seed.run.read("batch_rewards").to_pandas()
+    done = raw.groupby("episode_id").filter(lambda g: g["episode_done"].any() and g["chunk_seq"].nunique() >= 2)
+    episode = sorted(set(done["episode_id"]))[0]
+    ep_raw = raw[raw["episode_id"] == episode].set_index(["chunk_seq", "agent_id"]).sort_index()
+    ep_batch = batch[batch["episode_id"] == episode].set_index(["chunk_seq", "agent_id"]).sort_index()
+    assert list(ep_batch.index) == list(ep_raw.index) and len(ep_raw) >= 4
+    assert (ep_batch["module_id"] == ep_raw["module_id"]).all()
+    assert list(ep_batch["n_rewards"]) == list(ep_raw["n_rewards"])  # simultaneous moves: one reward per step
+    for (chunk, agent), r in ep_raw.iterrows():
+        assert ep_batch.loc[(chunk, agent), "reward"] == pytest.approx(r["reward"] - r["pre_obs_reward"], abs=1e-9), (chunk, agent)
+    reported = seed.run.reported[(seed.run.reported["episode_id"] == episode) & (seed.run.reported["kind"] == "policy")]
+    for r in reported.itertuples():
+        trained_on = ep_batch.xs(r.agent_id, level="agent_id")["reward"].sum()
+        other_earlier = ep_raw.xs(OTHER[r.agent_id], level="agent_id").iloc[:-1]["reward"].sum()
+        assert r.value - trained_on == pytest.approx(other_earlier, abs=1e-6) and other_earlier > 0
+
+
 # --------------------------------------------------------------------------- b. auto evaluation
 
 
@@ -235,6 +284,17 @@ def test_single_chunk_training_episodes_are_clean(auto_eval):
     assert (single["reported"] - single["truth"]).abs().max() < 1e-6
 
 
+def test_auto_evaluation_training_batches_are_clean(auto_eval):
+    """Single- and multi-chunk training episodes alike: the batches are right; the remote
+    evaluation runner's samples train nothing and are not recorded."""
+    audit = compare(auto_eval.out)
+    learning = [f for f in audit.findings if f.phase == "learning"]
+    assert {f.kind for f in learning} == {"agent", "module"} and all(f.episodes > 0 for f in learning)
+    assert {f.verdict.value for f in learning} == {"CLEAN"}, [str(f) for f in learning]
+    assert set(auto_eval.run.read("batch_rewards").to_pandas()["phase"]) == {"train"}
+    assert bottom_line(audit).startswith("metrics: LEAK · training batches: CLEAN — ")
+
+
 def test_auto_evaluation_tap_matches_the_env_ledger(auto_eval):
     """Training (the driver process's env) matches the ledger exactly. The remote evaluation
     runner keeps sampling asynchronously: episodes it finishes after the last collection are
@@ -247,3 +307,44 @@ def test_auto_evaluation_tap_matches_the_env_ledger(auto_eval):
     evaluation = run.raw[run.raw["phase"] == "evaluation"]
     assert evaluation[evaluation["episode_done"]]["episode_id"].nunique() >= 10
     assert_raw_matches_ledger(SimpleNamespace(raw=evaluation), by_pid[eval_pid], subset=True)
+
+
+# --------------------------------------------------------------------------- c. the old stack
+
+
+def test_old_stack_shared_policy_is_clean_in_both_phases(tmp_path):
+    """Ray 2.12's default stack (``RolloutWorker`` + ``EnvRunnerV2``): three agents on one
+    policy, 30-step episodes in 16-step fragments. Metrics and training batches (float32
+    rewards, agents named from ``EpisodeV2._agent_to_index``) are both CLEAN. A 5-second run,
+    the only 2.12 old-stack scenario, so the old adapter's 2.12 path is covered."""
+    from ray.rllib.algorithms.ppo import PPOConfig
+
+    from reward_audit import RewardAuditCallback
+    from reward_audit.envs import ScaledRewardsEnv, map_all_shared
+
+    out, led = str(tmp_path / "trial"), str(tmp_path / "ledger")
+    os.makedirs(led)
+    env_config = {"agents": [0, 1, 2], "episode_len": 30, "random_rewards": True, "ledger_dir": led}
+    config = (
+        PPOConfig()
+        .framework("torch")
+        .environment(ScaledRewardsEnv, env_config=env_config, disable_env_checking=True)
+        .rollouts(num_rollout_workers=0, rollout_fragment_length=16)
+        .training(train_batch_size=128, sgd_minibatch_size=64, num_sgd_iter=1, model={"fcnet_hiddens": [8]})
+        .multi_agent(policies={"shared"}, policy_mapping_fn=map_all_shared)
+        .evaluation(evaluation_interval=1, evaluation_duration=2, evaluation_duration_unit="episodes", evaluation_num_workers=0)
+        .callbacks(RewardAuditCallback.writing_to(out))
+    )
+    train(config, 2)
+    code, findings = cli_findings(out)
+    assert code == 0, findings
+    assert findings[("train", "policy", "shared")]["verdict"] == "CLEAN" and findings[("evaluation", "policy", "shared")]["verdict"] == "CLEAN"
+    for key in [("module", "shared"), ("agent", "0"), ("agent", "1"), ("agent", "2")]:
+        f = findings[("learning", *key)]
+        assert f["verdict"] == "CLEAN" and f["episodes"] >= 4, f
+    assert bottom_line(compare(out)).startswith("metrics: CLEAN · training batches: CLEAN — ")
+    run = load_run(out)
+    assert (run.manifest["ray_version"], run.manifest["api_stack"]) == ("2.12.0", "old")
+    batch = run.read("batch_rewards").to_pandas()
+    assert set(batch["reward_bits"]) == {24} and set(batch["agent_id"]) == {"0", "1", "2"}
+    assert_raw_matches_ledger(run, [line for lines in ledger_by_pid(led).values() for line in lines])

@@ -7,6 +7,9 @@ module only the *last* agent's final-chunk return survives; earlier chunks of al
 are then added correctly (``:656-660``). Per-agent values and the episode return are right.
 RLLIB_NOTES §5: reported(m) = final chunk of one of m's agents + earlier chunks of all.
 
+Phase ``learning`` (docs/learning.md): the bug is in the metrics only; the chunks ``sample()``
+hands to training carry every agent's rewards, so ``learning`` is CLEAN beside the DROP.
+
 Run with ``make test-versions`` (its own virtualenv with ``ray[rllib]==2.53.0``) or
 ``pytest -m ray253 tests/versions/`` in a 2.53 environment.
 """
@@ -17,8 +20,9 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="needs ray[rllib]==2.53.*; `make test-versions` builds that environment")
 
-from helpers import assert_raw_matches_ledger, cli_compare, cli_findings, record_scaled_rewards  # noqa: E402
-from reward_audit import load_run  # noqa: E402
+from helpers import assert_raw_matches_ledger, cli_compare, cli_findings, old_stack_ppo_config, record_scaled_rewards  # noqa: E402
+from reward_audit import compare, load_run  # noqa: E402
+from reward_audit.report import bottom_line  # noqa: E402
 from reward_audit.envs import map_all_shared, map_by_id  # noqa: E402
 
 pytestmark = [
@@ -119,6 +123,40 @@ def test_shared_module_verbose_output_names_the_dropped_agents(shared_run):
     assert "agent 0's final-chunk rewards" in text and "agent 1's final-chunk rewards" in text
 
 
+def test_shared_module_training_batches_are_clean(shared_run):
+    """Phase ``learning``: the bug is in ``get_metrics()`` only; the chunks ``sample()`` hands
+    to training carry every agent's rewards, so the shared module's data sums all three."""
+    out, _ = shared_run
+    audit = compare(out)
+    learning = {(f.kind, f.key): f for f in audit.findings if f.phase == "learning"}
+    assert set(learning) == {("module", "shared"), ("agent", "0"), ("agent", "1"), ("agent", "2")}, sorted(learning)
+    for f in learning.values():
+        assert f.verdict.value == "CLEAN" and f.episodes >= 4, str(f)
+    assert bottom_line(audit) == (
+        "metrics: DROP · training batches: CLEAN — the policies were trained on the right rewards; only the reported numbers are wrong"
+    )
+
+
+def test_shared_module_one_episode_batch_by_hand(shared_run):
+    """One multi-chunk training episode from the Parquet rows alone: per chunk and agent the
+    batch holds what the env paid; summed over the episode the module's batches hold all
+    three agents' rewards, which RLlib 2.53's reported module value does not."""
+    out, _ = shared_run
+    run = load_run(out)
+    raw, batch = run.raw[run.raw["phase"] == "train"], run.read("batch_rewards").to_pandas()
+    module = run.reported[(run.reported["kind"] == "module") & (run.reported["phase"] == "train")]
+    multi = raw.groupby("episode_id")["chunk_seq"].nunique()
+    episode = sorted(set(module["episode_id"]) & set(multi[multi > 1].index))[0]
+    ep_raw = raw[raw["episode_id"] == episode].set_index(["chunk_seq", "agent_id"]).sort_index()
+    ep_batch = batch[batch["episode_id"] == episode].set_index(["chunk_seq", "agent_id"]).sort_index()
+    assert list(ep_batch.index) == list(ep_raw.index) and set(ep_batch["module_id"]) == {"shared"}
+    for key, r in ep_raw.iterrows():
+        assert ep_batch.loc[key, "reward"] == pytest.approx(r["reward"] - r["pre_obs_reward"], abs=1e-9), key
+    truth = (ep_raw["reward"] - ep_raw["pre_obs_reward"]).sum()
+    [reported] = module.loc[module["episode_id"] == episode, "value"]
+    assert ep_batch["reward"].sum() == pytest.approx(truth, abs=1e-9) and truth - reported > 1
+
+
 def test_shared_module_tap_matches_the_env_ledger(shared_run):
     out, lines = shared_run
     run = load_run(out)
@@ -138,4 +176,30 @@ def test_separate_modules_are_clean(separate_run):
             assert findings[(phase, "module", f"p_{agent}")]["verdict"] == "CLEAN"
             assert findings[(phase, "agent", agent)]["verdict"] == "CLEAN"
     assert {f["verdict"] for f in findings.values()} <= {"CLEAN", "INCOMPLETE"}
+    for agent in "012":
+        assert findings[("learning", "module", f"p_{agent}")]["verdict"] == "CLEAN" and findings[("learning", "module", f"p_{agent}")]["episodes"] > 0
+    assert bottom_line(compare(out)).startswith("metrics: CLEAN · training batches: CLEAN — ")
     assert_raw_matches_ledger(load_run(out), lines)
+
+
+# --------------------------------------------------------------------------- c. the old stack
+
+
+def test_shared_policy_is_clean_on_the_old_stack(tmp_path):
+    """The old stack (``RolloutWorker`` + ``EnvRunnerV2``) has no shared-module bug, and its
+    ``MultiAgentBatch`` (float32 rewards, agents named from ``EpisodeV2._agent_to_index``)
+    carries every agent's rewards: both phases CLEAN. A 5-second run: the only 2.53
+    old-stack scenario, so the old adapter's 2.53 path (metrics and batches) is covered."""
+    out, lines = record_scaled_rewards(tmp_path, ["shared"], map_all_shared, agents=AGENTS, build=old_stack_ppo_config)
+    code, findings = cli_findings(out)
+    assert code == 0, findings
+    assert findings[("train", "policy", "shared")]["verdict"] == "CLEAN" and findings[("evaluation", "policy", "shared")]["verdict"] == "CLEAN"
+    for key in [("module", "shared"), ("agent", "0"), ("agent", "1"), ("agent", "2")]:
+        f = findings[("learning", *key)]
+        assert f["verdict"] == "CLEAN" and f["episodes"] >= 4, f
+    assert bottom_line(compare(out)).startswith("metrics: CLEAN · training batches: CLEAN — ")
+    run = load_run(out)
+    assert run.manifest["api_stack"] == "old" and run.manifest["ray_version"].startswith("2.53.")
+    batch = run.read("batch_rewards").to_pandas()
+    assert set(batch["reward_bits"]) == {24} and set(batch["agent_id"]) == {"0", "1", "2"}  # float32, every agent named
+    assert_raw_matches_ledger(run, lines)

@@ -1,5 +1,6 @@
 """Ray 2.60: the Ray 2.53 scenarios come out CLEAN (the shared-module bug is fixed:
-``module_episode_returns[m] += ...`` sums every agent of the module).
+``module_episode_returns[m] += ...`` sums every agent of the module), and phase ``learning``
+(the training batches) is CLEAN on every run here, new and old stack, frozen modules included.
 
 Run with ``make test-versions`` (its own virtualenv with ``ray[rllib]==2.60.0``) or
 ``pytest -m ray260 tests/versions/`` in a 2.60 environment.
@@ -12,7 +13,8 @@ import pytest
 ray = pytest.importorskip("ray", reason="needs ray[rllib]==2.60.*; `make test-versions` builds that environment")
 
 from helpers import assert_raw_matches_ledger, cli_findings, old_stack_ppo_config, record_scaled_rewards  # noqa: E402
-from reward_audit import load_run  # noqa: E402
+from reward_audit import compare, load_run  # noqa: E402
+from reward_audit.report import bottom_line  # noqa: E402
 from reward_audit.envs import map_all_shared, map_by_id  # noqa: E402
 
 pytestmark = [
@@ -39,6 +41,16 @@ def assert_all_clean(findings, keys):
         assert findings[key]["verdict"] == "CLEAN", findings[key]
 
 
+def assert_learning_clean(out, findings, modules, agents):
+    """Phase ``learning`` (docs/learning.md): a CLEAN finding with episodes for every module
+    and agent that trained, and nothing else; the bottom line says both phases are clean."""
+    learning = {(k, key): f for (phase, k, key), f in findings.items() if phase == "learning"}
+    assert set(learning) == {("module", m) for m in modules} | {("agent", a) for a in agents}, sorted(learning)
+    for f in learning.values():
+        assert f["verdict"] == "CLEAN" and f["episodes"] > 0, f
+    assert bottom_line(compare(out)) == "metrics: CLEAN · training batches: CLEAN — the reported numbers and the training data both match what the env paid"
+
+
 def test_shared_module_is_clean_on_the_new_stack(tmp_path):
     out, lines = record_scaled_rewards(tmp_path, ["shared"], map_all_shared, agents=AGENTS)
     code, findings = cli_findings(out)
@@ -50,6 +62,7 @@ def test_shared_module_is_clean_on_the_new_stack(tmp_path):
     train = run.raw[run.raw["phase"] == "train"]
     assert (train.groupby("episode_id")["chunk_seq"].nunique() > 1).any()
     assert set(run.raw["module_id"]) == {"shared"} and (run.raw.groupby("episode_id")["agent_id"].nunique() == 3).all()
+    assert_learning_clean(out, findings, ["shared"], "012")
     assert_raw_matches_ledger(run, lines)
 
 
@@ -58,6 +71,7 @@ def test_separate_modules_are_clean_on_the_new_stack(tmp_path):
     code, findings = cli_findings(out)
     assert code == 0, findings
     assert_all_clean(findings, [(p, "module", f"p_{a}") for p in ("train", "evaluation") for a in "012"])
+    assert_learning_clean(out, findings, ["p_0", "p_1", "p_2"], "012")
     assert_raw_matches_ledger(load_run(out), lines)
 
 
@@ -83,6 +97,7 @@ def test_shared_module_is_clean_on_the_old_stack(tmp_path):
     run = load_run(out)
     assert run.manifest["api_stack"] == "old"
     assert any(f["verdict"] == "CLEAN" and f["phase"] == "train" and f["key"] == "shared" for f in findings.values())
+    assert_learning_clean(out, findings, ["shared"], "012")
     assert_raw_matches_ledger(run, lines)
 
 
@@ -109,4 +124,6 @@ def test_the_212_seed_scenario_is_clean(tmp_path, stack):
     finished = train[train.groupby("episode_id")["episode_done"].transform("any")]
     assert (finished.groupby("episode_id")["chunk_seq"].nunique() > 1).all()  # the leak's condition
     assert {"p3", "p4"} & set(train["module_id"])  # frozen snapshots did take a seat
+    seated = set(train["module_id"])
+    assert_learning_clean(out, findings, seated, "01")  # frozen p3 / p4 included: their data leaves the runner too
     assert_raw_matches_ledger(run, lines)
