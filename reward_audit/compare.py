@@ -77,7 +77,7 @@ def compare(
     if result.clipped_truth:
         notes.append(
             f"learning: RLlib clipped the rewards before its training batches (clip_rewards={run.manifest.get('clip_rewards')!r}), as configured; "
-            f"the batches were compared with Σ clip(r) of what the env paid ({plural(result.clipped_truth, 'raw row')})"
+            f"the batches were compared with Σ clip(r) of what the env paid ({plural(result.clipped_truth, 'agent episode')})"
         )
     findings = _findings(run, result, max_evidence, atol, rtol, handover.findings)
     if progress:
@@ -249,7 +249,8 @@ def _findings(run: Run, result: Tally, max_evidence: int, atol: float | None, rt
         findings.append(_failing(phase, kind, str(key), rows, groups, atol, rtol, max_evidence, n_eps, n_clean_eps, n_bad, bad_multi, clean_multi, truth, reported))
 
     for (phase, kind), (n_eps, _, example) in sorted(result.orphans.items()):
-        findings.append(_unverified(str(phase), kind, "*", n_eps, f"{n_eps} reported episodes have no raw rewards (the tap never saw them), e.g. {example}"))
+        what = "episodes with training batches" if phase == Phase.LEARNING.value else "reported episodes"
+        findings.append(_unverified(str(phase), kind, "*", n_eps, f"{n_eps} {what} have no raw rewards (the tap never saw them), e.g. {example}"))
     findings += _excluded(result)
     findings += _incomplete(result, reported_phases)
     failures, driver = run.manifest.get("capture_failures") or 0, run.manifest.get("driver_failures") or 0

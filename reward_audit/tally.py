@@ -34,7 +34,7 @@ import pandas as pd
 import pyarrow as pa
 
 from .dashboard import driver_history_windows, per_call_windows
-from .learning import LearningStream
+from .learning import LearningStream, match
 from .store import Run
 from .recorder import rounding_bound
 from .schema import Phase
@@ -71,7 +71,7 @@ class Tally:
     rows_read: int = 0
     duplicates: dict = field(default_factory=dict)  # table -> [rows dropped, files]: identical copies
     runner_rows: dict = field(default_factory=dict)  # runner id -> raw rows read (after de-duplication)
-    clipped_truth: int = 0  # learning: raw rows whose truth is Σ clip(r) (RLlib clipped before the batch)
+    clipped_truth: int = 0  # learning values whose truth is Σ clip(r) (RLlib clipped before the batch)
 
 
 # --------------------------------------------------------------------------- the pass
@@ -115,19 +115,16 @@ def _tally_run(
     rep_parts = list(run.parts.get("reported_episodes", ()))
     ctx.rep_index = {p.path: i for i, p in enumerate(rep_parts)}
     windows = plan(run, window_rows)
-    learning = LearningStream(run)
+    ctx.learning = LearningStream(run)
     check_late = window_rows is not None and len(windows) > 1
     carried: pa.Table | None = None
+    carried_batch: pa.Table | None = None
     for i, (a, b) in enumerate(windows):
         if progress:
             progress(f"window {i + 1}/{len(windows)} (iterations {a}-{b})", i / max(len(windows), 1))
         raw_parts = [p for p in run.parts.get("raw_rewards", ()) if p.last_iteration >= a and p.first_iteration <= b]
         reps = [p for p in rep_parts if p.last_iteration >= a and p.first_iteration <= b]
-        w = read_window(run, raw_parts, reps, a, b, carried, ctx.rep_index, left_out, learning, last=i == len(windows) - 1)
-        if check_late and w.batch_pairs is not None and ctx.closed:  # batch rows of an episode closed before
-            runners, episodes = w.batch_pairs
-            h_runner, h_episode = _pair_hashes(runners, episodes)
-            _refuse_late(ctx, h_runner ^ h_episode, episodes)
+        w = read_window(run, raw_parts, reps, a, b, carried, ctx.rep_index, left_out, ctx.learning or None, carried_batch)
         out.rows_read += w.rows_read
         for runner, n in w.runner_rows.items():
             out.runner_rows[runner] = out.runner_rows.get(runner, 0) + n
@@ -138,11 +135,10 @@ def _tally_run(
         for k, n in w.unknown.items():
             out.unknown[k] = out.unknown.get(k, 0) + n
         _truth(w)
-        carried = _close(w, last=i == len(windows) - 1, check_late=check_late, ctx=ctx)
+        carried, carried_batch = _close(w, last=i == len(windows) - 1, check_late=check_late, ctx=ctx)
         _match(w, ctx)
         _tally(w, ctx, out, a, b)
     out.windows = len(windows)
-    out.clipped_truth = learning.clipped
     out.fallback = ctx.fallback
     return out
 
@@ -186,6 +182,7 @@ class _Context:
     closed: list = field(default_factory=list)  # uint64 hashes of closed (runner, episode)
     hist: pd.DataFrame | None = None  # driver_history: the last S episodes' rows per series
     fresh: tuple = ()  # iterations where a new process took over the run (reopened segments)
+    learning: LearningStream | None = None  # the run's training batches (phase `learning`)
     fallback: int = 0  # values compared with the schema-1 relative tolerance
 
 
@@ -247,37 +244,29 @@ def _truth(w: Window) -> None:
 # --------------------------------------------------------------------------- 3. close
 
 
-def _pair_hashes(runners: np.ndarray, episodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(runner, episode) identity across windows as 64-bit hashes: the runners' and the
-    episodes' parts, combined by ``^`` (pairwise for equal-length arrays)."""
-    h_runner = pd.util.hash_array(np.asarray(runners, dtype=object)) if len(runners) else np.zeros(0, np.uint64)
-    h_episode = pd.util.hash_array(np.asarray(episodes, dtype=object)) if len(episodes) else np.zeros(0, np.uint64)
-    return h_runner, h_episode * np.uint64(1000003)
-
-
-def _refuse_late(ctx: "_Context", hashes: np.ndarray, episodes: np.ndarray) -> None:
-    """``LateData`` if any of these episodes was closed by an earlier window."""
-    seen = ctx.closed[0]  # every earlier window's closed episodes, sorted
-    late = seen[np.minimum(np.searchsorted(seen, hashes), len(seen) - 1)] == hashes
-    if late.any():
-        raise LateData(f"{int(late.sum())} episodes (e.g. {episodes[np.flatnonzero(late)[0]]}) have rows in a later iteration than the one that closed them")
-
-
-def _close(w: Window, last: bool, check_late: bool, ctx: _Context) -> pa.Table | None:
-    """Close what finished or was reported; return the raw rows of the rest."""
+def _close(w: Window, last: bool, check_late: bool, ctx: _Context) -> tuple[pa.Table | None, pa.Table | None]:
+    """Close what finished or was reported; return the raw rows and the batch rows of the rest."""
     E = w.E
     w.reported = np.bincount(w.p_eid, minlength=E) > 0
     closed = np.ones(E, bool) if last else (w.ep_done | w.reported)
     if check_late:
-        h_runner, h_episode = _pair_hashes(w.runners, w.episodes)
-        hashes = h_runner[w.ep_runner] ^ h_episode[w.ep_episode]
+        # (runner, episode) identity across windows, as 64-bit hashes of the two strings.
+        h_runner = pd.util.hash_array(np.asarray(w.runners, dtype=object)) if len(w.runners) else np.zeros(0, np.uint64)
+        h_episode = pd.util.hash_array(np.asarray(w.episodes, dtype=object)) if len(w.episodes) else np.zeros(0, np.uint64)
+        hashes = h_runner[w.ep_runner] ^ (h_episode[w.ep_episode] * np.uint64(1000003))
         if ctx.closed:
-            _refuse_late(ctx, hashes, w.episodes[w.ep_episode])
+            seen = ctx.closed[0]  # every earlier window's closed episodes, sorted
+            late = seen[np.minimum(np.searchsorted(seen, hashes), len(seen) - 1)] == hashes
+            if late.any():
+                raise LateData(f"{int(late.sum())} episodes (e.g. {w.episodes[w.ep_episode[np.flatnonzero(late)[0]]]}) have rows in a later iteration than the one that closed them")
         if closed.any():  # merge (timsort: two sorted runs, linear)
             ctx.closed = [np.sort(np.concatenate(ctx.closed + [np.sort(hashes[closed])]), kind="stable")]
     w.closed = closed
-    if last or closed.all() or not len(w.r_eid):
-        return None
+    if last or closed.all():
+        return None, None
+    batch = _carry_batch(w, ~closed[w.b_eid]) if len(w.b_eid) else None
+    if not len(w.r_eid):
+        return None, batch
     keep = ~closed[w.r_eid]
 
     def strings(codes: np.ndarray, dictionary: np.ndarray) -> pa.Array:
@@ -301,6 +290,31 @@ def _close(w: Window, last: bool, check_late: bool, ctx: _Context) -> pa.Table |
             "reward_bits": pa.array(w.r_bits[keep].astype(np.int32)),
             "reward_clipped": pa.array(w.r_clipped[keep], from_pandas=True),
             "file": pa.array(np.asarray(w.raw_files, dtype=object)[w.raw_file[keep]].astype(str)),
+        }
+    ), batch
+
+
+def _carry_batch(w: Window, keep: np.ndarray) -> pa.Table | None:
+    """The batch rows of episodes still open, as a ``batch_rewards`` table (strings plain:
+    a filtered dictionary column would drag every id ever read into the next window)."""
+    if not keep.any():
+        return None
+
+    def strings(codes: np.ndarray, dictionary: np.ndarray) -> pa.Array:
+        return pa.array(np.append(np.asarray(dictionary, dtype=object), None)[codes[keep]], pa.string()).dictionary_encode()
+
+    return pa.table(
+        {
+            "phase": pa.array([Phase.TRAIN.value] * int(keep.sum()), pa.string()).dictionary_encode(),
+            "runner_id": strings(w.b_runner, w.runners),
+            "episode_id": strings(w.b_episode, w.episodes),
+            "chunk_seq": pa.array(w.b_chunk[keep], pa.int64()),
+            "agent_id": strings(w.b_agent, w.agents),
+            "module_id": strings(w.b_module, w.modules),
+            "reward": pa.array(w.b_reward[keep]),
+            "n_rewards": pa.array(w.b_n[keep].astype(np.int32)),
+            "reward_bits": pa.array(w.b_bits[keep].astype(np.int32)),
+            "iteration": pa.array(w.b_iteration[keep], pa.int64()),
         }
     )
 
@@ -432,6 +446,24 @@ def _match(w: Window, ctx: _Context) -> None:
     w.c_phase = w.ep_phase[w.c_eid]
     bound = np.concatenate([bound] + [x[5] for x in miss])
     w.c_clipped = np.concatenate([clipped, np.full(n_miss, np.nan)])
+    w.learned = match(w, ctx.learning, _code(w.phases, Phase.TRAIN.value)) if ctx.learning else None
+    if w.learned is not None:  # phase `learning`: the training batches' values (learning.py)
+        v, n = w.learned, len(w.learned.eid)
+        w.c_kind = np.concatenate([w.c_kind, v.kind])
+        w.c_kind_name = np.concatenate([w.c_kind_name, np.where(v.kind == AGENT, KINDS[AGENT], KINDS[MODULE]).astype(object)])
+        w.c_kcode = np.concatenate([w.c_kcode, np.full(n, len(w.kind_names) - 1)])
+        w.c_eid = np.concatenate([w.c_eid, v.eid])
+        w.c_agent = np.concatenate([w.c_agent, v.agent])
+        w.c_module = np.concatenate([w.c_module, v.module])
+        w.c_truth = np.concatenate([w.c_truth, v.truth])
+        w.c_value = np.concatenate([w.c_value, v.value])
+        w.c_missing = np.concatenate([w.c_missing, v.missing])
+        w.c_ord = np.concatenate([w.c_ord, np.where(v.missing, np.iinfo(np.int64).max, v.ord)])
+        w.c_call = np.concatenate([w.c_call, np.full(n, -1)])
+        w.c_iteration = np.concatenate([w.c_iteration, v.iteration])
+        w.c_phase = np.concatenate([w.c_phase, np.full(n, w.learning_code)])
+        bound = np.concatenate([bound, v.bound])
+        w.c_clipped = np.concatenate([w.c_clipped, np.full(n, np.nan)])
     with np.errstate(invalid="ignore", over="ignore"):
         w.c_diff = w.c_value - w.c_truth
         w.c_tol = _tolerance(bound, w.c_truth, w.c_value, ctx)
@@ -495,6 +527,8 @@ def _tally(w: Window, ctx: _Context, out: Tally, a: int, b: int) -> None:
     _excluded(w, out)
     _unreported(w, out)
     _orphans(w, out)
+    if w.learned is not None:
+        _learned(w, out)
     for p in np.unique(w.ep_phase[w.closed & w.has_raw]):
         name = w.phases[p]
         out.raw_phases[name] = out.raw_phases.get(name, 0) + int(((w.ep_phase == p) & w.closed & w.has_raw).sum())
@@ -622,6 +656,24 @@ def _orphans(w: Window, out: Tally) -> None:
                 prev[1], prev[2] = int(first["ord"]), first["episode"]
 
 
+def _learned(w: Window, out: Tally) -> None:
+    """Phase ``learning``'s bookkeeping: compared episodes, finished episodes without any
+    training batch, batch rows of episodes without raw rows."""
+    v, phase = w.learned, Phase.LEARNING.value
+    compared = np.unique(v.eid[~v.missing])
+    if len(compared):
+        out.compared[phase] = out.compared.get(phase, 0) + len(compared)
+        out.reported_phases.add(phase)
+    out.clipped_truth += v.clipped
+    if len(v.unbatched):
+        out.unreported[(phase, True)] = out.unreported.get((phase, True), 0) + len(v.unbatched)
+        first = sorted(zip(w.ep_first[v.unbatched].tolist(), w.runners[w.ep_runner[v.unbatched]], w.episodes[w.ep_episode[v.unbatched]]))[:3]
+        out.unreported_examples += [(phase, True, f, r, e) for f, r, e in first]
+    if len(v.orphans):
+        prev = out.orphans.setdefault((phase, "batch"), [0, np.iinfo(np.int64).max, w.episodes[w.ep_episode[v.orphans[0]]]])
+        prev[0] += len(v.orphans)
+
+
 # --------------------------------------------------------------------------- dashboards
 
 
@@ -636,7 +688,7 @@ def _dashboard(w: Window, ctx: _Context, out: Tally, a: int, b: int) -> None:
     if ctx.model not in ("per_call_window", "driver_history") or not len(w.c_eid):
         return
     # Reported values, in RLlib's order (ord); the learning phase has no dashboard.
-    shown = np.flatnonzero(~w.c_missing & (w.c_phase != _code(w.phases, Phase.LEARNING.value)))
+    shown = np.flatnonzero(~w.c_missing & (w.c_phase != w.learning_code))
     if not len(shown):
         return
     # Integer series id (phase, kind, key) and (series, iteration) id per shown value.

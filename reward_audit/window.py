@@ -184,13 +184,11 @@ def codes(*columns: pa.ChunkedArray | None) -> tuple[list[np.ndarray], np.ndarra
 
 def read_window(
     run: Run, raw_parts: list[Part], rep_parts: list[Part], a: int, b: int, carried: pa.Table | None, rep_index: dict, left_out: "LeftOut | None" = None,
-    learning: "LearningStream | None" = None, last: bool = False,
+    learning: "LearningStream | None" = None, carried_batch: pa.Table | None = None,
 ) -> Window:
-    """One window's rows, encoded. With ``learning`` (learning.py), also phase ``learning``:
-    copies of the fresh train raw rows and the values of the train episodes that finished
-    here; ``w.batch_pairs`` are the (runner, episodes) names of the window's batch rows."""
+    """One window's rows, encoded: raw rewards, RLlib's reported values and, with
+    ``learning`` (learning.py), the training batches (``b_*`` arrays) in the same codes."""
     w = Window()
-    w.batch_pairs = None
     w.unknown = {}
     w.duplicates = []  # (table, rows dropped, files): identical copies, de-duplicated
     raw, w.raw_file, w.raw_files = read_parts(run, "raw_rewards", raw_parts, RAW_COLUMNS, a, b, None)
@@ -217,12 +215,17 @@ def read_window(
     if left_out:
         raw, w.raw_file = left_out.apply(raw, w.raw_file)
         rep, w.rep_file = left_out.apply(rep, w.rep_file)
+    batch = carried_batch if carried_batch is not None and carried_batch.num_rows else None
     if learning:
-        raw, rep = _learning(w, run, learning, raw, rep, a, b, fresh_files, left_out, last)
+        fresh, read, notes = learning.batch(a, b, left_out)
+        w.rows_read += read
+        w.duplicates += notes
+        if fresh is not None and fresh.num_rows:
+            batch = fresh if batch is None else pa.concat_tables([fresh, batch.cast(fresh.schema)])
+    w.batch = batch
     _encode(w, raw, rep)
-    # Identical copies; the learning rows are copies by design (and checked as batch rows).
-    keep_raw, note_raw = _unique_recorded(w, "raw_rewards", [w.r_runner, w.r_episode, w.chunk, w.r_agent], raw, w.raw_file, w.raw_files, RAW_VALUES)
-    keep_rep, note_rep = _unique_recorded(w, "reported_episodes", [w.p_runner, w.p_episode, w.p_kind_code, w.p_agent, w.p_module, w.call], rep, w.rep_file, w.rep_files, REP_VALUES)
+    keep_raw, note_raw = unique_rows("raw_rewards", [w.r_runner, w.r_episode, w.chunk, w.r_agent], raw, w.raw_file, w.raw_files, RAW_VALUES)
+    keep_rep, note_rep = unique_rows("reported_episodes", [w.p_runner, w.p_episode, w.p_kind_code, w.p_agent, w.p_module, w.call], rep, w.rep_file, w.rep_files, REP_VALUES)
     w.duplicates += [n for n in (note_raw, note_rep) if n]
     if keep_raw is not None or keep_rep is not None:  # rare: identical copies, encode again without them
         if keep_raw is not None:
@@ -230,42 +233,9 @@ def read_window(
         if keep_rep is not None:
             rep, w.rep_file = rep.filter(pa.array(keep_rep)), w.rep_file[keep_rep]
         _encode(w, raw, rep)
-    fresh = (w.raw_file < fresh_files) & (w.r_runner < w.n_runners)  # not the learning copies
-    w.runner_rows = dict(zip(w.runners[: w.n_runners], np.bincount(w.r_runner[fresh], minlength=w.n_runners).tolist())) if fresh.any() else {}
+    fresh = w.raw_file < fresh_files
+    w.runner_rows = dict(zip(w.runners, np.bincount(w.r_runner[fresh], minlength=len(w.runners)).tolist())) if fresh.any() else {}
     return w
-
-
-def _learning(
-    w: Window, run: Run, learning: "LearningStream", raw: pa.Table | None, rep: pa.Table | None, a: int, b: int, fresh_files: int, left_out: "LeftOut | None", last: bool
-) -> tuple[pa.Table | None, pa.Table | None]:
-    """``raw`` and ``rep`` with the window's ``learning`` rows appended (learning.py):
-    copies of the fresh train raw rows, and the values of the train episodes done here."""
-    batch, read, duplicates = learning.batch(a, b)
-    w.rows_read += read
-    w.duplicates += duplicates
-    if left_out and batch is not None:
-        batch, _ = left_out.apply(batch, np.zeros(batch.num_rows, np.int32))
-    if batch is not None and batch.num_rows:
-        (r,), runners = codes(batch.column("runner_id"))
-        (e,), episodes = codes(batch.column("episode_id"))
-        nr = max(len(runners), 1)
-        _, pairs = factorize(e * nr + r, max(len(episodes), 1) * nr)
-        w.batch_pairs = (runners[pairs % nr], episodes[pairs // nr])
-    done = None
-    if raw is not None and raw.num_rows:
-        fresh = (w.raw_file < fresh_files) & pc.equal(raw.column("phase").cast(pa.string()), Phase.TRAIN.value).to_numpy(zero_copy_only=False)
-        if fresh.any():
-            train = raw.filter(pa.array(fresh))
-            done = train.filter(train.column("episode_done")).select(["runner_id", "episode_id"])
-            raw = pa.concat_tables([raw, learning.copies(train)])
-            w.raw_file = np.concatenate([w.raw_file, w.raw_file[fresh]])
-    values = learning.values(batch, done, last)
-    if values is None or not values.num_rows:
-        return raw, rep
-    w.rep_file = np.concatenate([w.rep_file, np.full(values.num_rows, len(w.rep_files), w.rep_file.dtype)])
-    w.rep_files.append(f"{run.path}/batch_rewards")
-    values = values.cast(pa.schema([pa.field(f.name, _DICT if f.name in _STRINGS else f.type) for f in values.schema]))
-    return raw, values if rep is None else pa.concat_tables([rep, values.cast(rep.schema)])
 
 
 RAW_VALUES = ["module_id", "reward", "pre_obs_reward", "n_rewards", "n_pre_obs", "episode_done", "reward_cancel", "reward_bits", "reward_clipped"]
@@ -292,25 +262,6 @@ class LeftOut:
             drop |= np.array([(r, e) in self.episodes for r, e in zip(runner, episode)], bool)
         keep = ~drop
         return t.filter(pa.array(keep)), file_of[keep]
-
-
-def _unique_recorded(w: Window, table: str, key_codes: list[np.ndarray], t: pa.Table | None, file_of: np.ndarray, files: list[str], values: list[str]) -> tuple[np.ndarray | None, tuple | None]:
-    """``unique_rows`` over the rows reward_audit recorded, not the window's learning copies
-    (runner codes from ``w.n_runners`` on)."""
-    if t is None or len(w.runners) == w.n_runners:
-        return unique_rows(table, key_codes, t, file_of, files, values)
-    mine = key_codes[0] < w.n_runners
-    if mine.all():
-        return unique_rows(table, key_codes, t, file_of, files, values)
-    rows = np.flatnonzero(mine)
-    if not _may_repeat([k[rows] for k in key_codes]):
-        return None, None
-    keep, note = unique_rows(table, [k[rows] for k in key_codes], t.take(pa.array(rows)), file_of[rows], files, values)
-    if keep is None:
-        return None, None
-    full = np.ones(len(mine), bool)
-    full[rows[~keep]] = False
-    return full, note
 
 
 def _may_repeat(key_codes: list[np.ndarray]) -> bool:
@@ -368,19 +319,17 @@ def _encode(w: Window, raw: pa.Table | None, rep: pa.Table | None) -> None:
     nraw = raw.num_rows if raw is not None else 0
     nrep = rep.num_rows if rep is not None else 0
     col = lambda t, name: None if t is None else t.column(name)  # noqa: E731
-    (w.r_runner, w.p_runner), w.runners = codes(col(raw, "runner_id"), col(rep, "runner_id"))
-    (w.r_episode, w.p_episode), w.episodes = codes(col(raw, "episode_id"), col(rep, "episode_id"))
-    (w.r_agent, w.p_agent), w.agents = codes(col(raw, "agent_id"), col(rep, "agent_id"))
-    (w.r_module, w.p_module), w.modules = codes(col(raw, "module_id"), col(rep, "module_id"))
+    batch = w.batch
+    nbatch = batch.num_rows if batch is not None else 0
+    (w.r_runner, w.p_runner, w.b_runner), w.runners = codes(col(raw, "runner_id"), col(rep, "runner_id"), col(batch, "runner_id"))
+    (w.r_episode, w.p_episode, w.b_episode), w.episodes = codes(col(raw, "episode_id"), col(rep, "episode_id"), col(batch, "episode_id"))
+    (w.r_agent, w.p_agent, w.b_agent), w.agents = codes(col(raw, "agent_id"), col(rep, "agent_id"), col(batch, "agent_id"))
+    (w.r_module, w.p_module, w.b_module), w.modules = codes(col(raw, "module_id"), col(rep, "module_id"), col(batch, "module_id"))
     (w.r_phase, w.p_phase), w.phases = codes(col(raw, "phase"), col(rep, "phase"))
-    # Phase `learning` rows (learning.py) are copies of train episodes: their runners get
-    # codes of their own, so each copy is an episode apart from its train original.
-    w.n_runners = len(w.runners)
-    learning = np.flatnonzero(w.phases == Phase.LEARNING.value)
-    if len(learning) and w.n_runners:
-        w.r_runner = np.where(w.r_phase == learning[0], w.r_runner + w.n_runners, w.r_runner)
-        w.p_runner = np.where(w.p_phase == learning[0], w.p_runner + w.n_runners, w.p_runner)
-        w.runners = np.concatenate([w.runners, w.runners])
+    # Training batches (learning.py) are judged in a phase of their own.
+    if nbatch and Phase.LEARNING.value not in set(w.phases):
+        w.phases = np.append(np.asarray(w.phases, dtype=object), Phase.LEARNING.value)
+    w.learning_code = list(w.phases).index(Phase.LEARNING.value) if nbatch else -2
     (w.p_kind_code,), kinds = codes(col(rep, "kind"))
     kind_map = np.array([KINDS.index(k) if k in KINDS else OTHER for k in kinds] + [OTHER], dtype=np.int64)
     w.p_kind = kind_map[w.p_kind_code] if nrep else np.zeros(0, np.int64)
@@ -402,6 +351,11 @@ def _encode(w: Window, raw: pa.Table | None, rep: pa.Table | None) -> None:
     w.call = num(rep, "metrics_call", np.int64)
     w.p_iteration = num(rep, "iteration", np.int64)
     w.ord = num(rep, "ord", np.int64)
+    w.b_reward = num(batch, "reward", np.float64)
+    w.b_n = num(batch, "n_rewards", np.int64)
+    w.b_chunk = num(batch, "chunk_seq", np.int64)
+    w.b_iteration = num(batch, "iteration", np.int64)
+    w.b_bits = np.zeros(0, np.int64) if batch is None else pc.fill_null(batch.column("reward_bits"), 53).to_numpy().astype(np.int64)
     if len(w.chunk) and (w.chunk.min() < 0 or w.chunk.max() > MAX_CHUNK_SEQ):
         i = int(np.argmin(w.chunk)) if w.chunk.min() < 0 else int(np.argmax(w.chunk))
         raise InvalidDataError(
@@ -418,9 +372,9 @@ def _encode(w: Window, raw: pa.Table | None, rep: pa.Table | None) -> None:
         )
     # Episodes: (runner, episode id) pairs, raw and reported, numbered 0..E-1.
     nr = max(len(w.runners), 1)
-    keys = np.concatenate([w.r_episode * nr + w.r_runner, w.p_episode * nr + w.p_runner])
+    keys = np.concatenate([w.r_episode * nr + w.r_runner, w.p_episode * nr + w.p_runner, w.b_episode * nr + w.b_runner])
     eid, uniques = factorize(keys, max(len(w.episodes), 1) * nr)
     w.E = len(uniques)
-    w.r_eid, w.p_eid = eid[:nraw], eid[nraw:]
+    w.r_eid, w.p_eid, w.b_eid = eid[:nraw], eid[nraw : nraw + nrep], eid[nraw + nrep :]
     w.ep_runner = (uniques % nr).astype(np.int64)
     w.ep_episode = (uniques // nr).astype(np.int64)

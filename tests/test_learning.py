@@ -16,7 +16,6 @@ from synth import EVAL_RUNNER, RUNNER, SynthRun
 from reward_audit import Verdict, compare
 from reward_audit.errors import InvalidDataError
 from reward_audit.schema import BATCH_REWARDS
-from reward_audit.learning import finished, learning_rows
 from reward_audit.report import bottom_line, render_text
 from reward_audit.store import RunWriter
 
@@ -32,39 +31,49 @@ def batch(rows: list[tuple]) -> pd.DataFrame:
     )
 
 
-def rows_of(rows: list[tuple], done: set[tuple[str, str]]) -> pd.DataFrame:
-    """``learning_rows`` of the rows of the ``done`` episodes (as ``LearningStream`` picks them)."""
-    table = pa.Table.from_pandas(batch(rows), schema=BATCH_REWARDS, preserve_index=False)
-    finished_rows = table.filter(pa.array(finished(table, pa.table({"runner_id": [r for r, _ in done], "episode_id": [e for _, e in done]}, schema=pa.schema([("runner_id", pa.string()), ("episode_id", pa.string())])))))
-    t = learning_rows(finished_rows)
-    return pa.table({c: t.column(c).cast(pa.string()) if pa.types.is_dictionary(t.column(c).type) else t.column(c) for c in t.column_names}).to_pandas()
+def learning_values(tmp_path, rows: list[tuple], *, running: bool = False) -> pd.DataFrame:
+    """Audit a run of e1 (agents 0 -> p and 1 -> p, paid 1 + 2 and 10 over two chunks, done)
+    and e2 (agent 0 paid 5, done unless ``running``), trained on ``rows`` (``batch`` tuples);
+    the phase-learning values compare() made, one row per (episode, kind, key)."""
+    run = SynthRun()
+    run.episode("e1", [{0: 1.0, 1: 10.0}, {0: 2.0}], {0: "p", 1: "p"})
+    run.episode("e2", [{0: 5.0}], {0: "p"}, done=not running)
+    run.report("e1", "module", 13.0, module="p")
+    folder = run.write(str(tmp_path / "run"))
+    RunWriter(folder).write_rows("batch_rewards", batch(rows).to_dict("records"), "000001")
+    frame = compare(folder).episodes
+    return frame[frame["phase"] == "learning"]
 
 
 def values(frame: pd.DataFrame) -> dict:
-    return {(r.episode_id, r.kind, r.agent_id if r.kind == "agent" else r.module_id): r.value for r in frame.itertuples()}
+    return {(r.episode_id, r.kind, r.key): r.reported for r in frame.itertuples()}
 
 
-def test_rows_sum_chunks_per_agent_and_module_of_done_episodes_only():
-    rows = rows_of(
+def test_values_sum_chunks_per_agent_and_module_of_finished_episodes_only(tmp_path):
+    rows = learning_values(
+        tmp_path,
         [
             (RUNNER, "e1", 0, "0", "p", 1.0), (RUNNER, "e1", 0, "1", "p", 10.0), (RUNNER, "e1", 1, "0", "p", 2.0),
-            (RUNNER, "e2", 1, "0", "p", 5.0),  # still running: partial, not compared
-            (EVAL_RUNNER, "e1", 0, "0", "p", 7.0),  # another runner's e1
+            (RUNNER, "e2", 2, "0", "p", 5.0),  # still running: partial, not compared
+            (EVAL_RUNNER, "e1", 0, "0", "p", 7.0),  # an evaluation runner's batch trains nothing
         ],
-        {(RUNNER, "e1")},
+        running=True,
     )
     assert values(rows) == {("e1", "agent", "0"): 3.0, ("e1", "agent", "1"): 10.0, ("e1", "module", "p"): 13.0}
-    assert set(rows["phase"]) == {"learning"} and set(rows["metrics_call"]) == {-1}
-    assert dict(zip(rows["kind"] + rows["agent_id"].fillna(""), rows["iteration"])) == {"agent0": 2, "agent1": 1, "module": 2}  # its last batch
+    assert set(rows["verdict"]) == {"CLEAN"} and set(rows["metrics_call"].dropna()) == {-1}
+    assert dict(zip(rows["kind"] + rows["key"], rows["iteration"])) == {"agent0": 2, "agent1": 1, "modulep": 2}  # the last batch's
 
 
-def test_agents_known_only_by_index_give_module_rows_only():
-    rows = rows_of([(RUNNER, "e1", 0, "#0", "p0", 1.0), (RUNNER, "e1", 0, "1", "p1", 2.0)], {(RUNNER, "e1")})
-    assert values(rows) == {("e1", "module", "p0"): 1.0, ("e1", "module", "p1"): 2.0}
+def test_agents_known_only_by_index_give_module_values_only(tmp_path):
+    rows = learning_values(tmp_path, [(RUNNER, "e1", 0, "#0", "p", 3.0), (RUNNER, "e1", 0, "1", "p", 10.0), (RUNNER, "e2", 2, "0", "p", 5.0)])
+    assert values(rows) == {("e1", "module", "p"): 13.0, ("e2", "agent", "0"): 5.0, ("e2", "module", "p"): 5.0}
 
 
-def test_no_batches_no_rows():
-    assert rows_of([(RUNNER, "e1", 0, "0", "p", 1.0)], set()).empty
+def test_a_finished_episode_without_batches_is_incomplete_and_an_agent_without_one_is_missing(tmp_path):
+    rows = learning_values(tmp_path, [(RUNNER, "e1", 0, "0", "p", 1.0), (RUNNER, "e1", 1, "0", "p", 2.0)])
+    assert values(rows) == {("e1", "agent", "0"): 3.0, ("e1", "agent", "1"): 0.0, ("e1", "module", "p"): 3.0}
+    assert dict(zip(rows["key"], rows["verdict"])) == {"0": "CLEAN", "1": "DROP", "p": "DROP"}
+    assert rows.loc[rows["key"] == "1", "missing_report"].item()
 
 
 def record(tmp_path, trained: dict[str, dict[str, float]], reported: dict[str, float]) -> str:
@@ -112,6 +121,18 @@ def test_run_without_batches_has_no_learning_phase(tmp_path):
     run.report("e1", "module", 1.0, module="p0")
     audit = compare(run.write(str(tmp_path / "run")))
     assert not findings(audit) and bottom_line(audit) is None
+
+
+def test_unbatched_episodes_and_batches_without_raw_rows_are_named(tmp_path):
+    run = SynthRun()
+    run.episode("e1", [{0: 1.0}], {0: "p0"})
+    run.episode("e2", [{0: 2.0}], {0: "p0"})
+    folder = run.write(str(tmp_path / "run"))
+    RunWriter(folder).write_rows("batch_rewards", batch([(RUNNER, "e1", 0, "0", "p0", 1.0), (RUNNER, "ghost", 0, "0", "p0", 9.0)]).to_dict("records"), "000001")
+    found = {(f.kind, f.key): f for f in compare(folder).findings if f.phase == "learning"}
+    assert found[("episode", "unreported")].verdict is Verdict.INCOMPLETE and found[("episode", "unreported")].counts == {"cut": 0, "finished": 1}
+    assert "no training data was recorded for them (e.g. e2)" in found[("episode", "unreported")].message
+    assert found[("batch", "*")].verdict is Verdict.UNVERIFIED and "ghost" in found[("batch", "*")].message
 
 
 def multi_iteration_run(folder: str, *, leak: bool = False, episodes: int = 40, clip: bool = False) -> str:
