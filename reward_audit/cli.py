@@ -286,9 +286,9 @@ def _write_atomically(output: str, text: str) -> None:
 @click.option("--out", "out", default=None, help="Where to record (default: a new temporary folder).")
 @click.option(
     "--inject",
-    type=click.Choice(["leak", "drop", "mismatch"]),
+    type=click.Choice(["leak", "drop", "mismatch", "signal"]),
     default=None,
-    help="Self-test: corrupt RLlib's per-episode metrics like Ray 2.12 (leak) or 2.53 (drop) did; the audit must catch it.",
+    help="Self-test: corrupt RLlib's per-episode metrics like Ray 2.12 (leak) or 2.53 (drop) did, or (signal) move one agent's rewards into another module's training data; the audit must catch it.",
 )
 @output_options
 @check_options

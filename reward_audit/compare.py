@@ -200,6 +200,9 @@ def _explain_row(r: Any, feats: tuple[dict, dict], atol: float | None = None, rt
             f"so this number is not what the env paid ({r.truth:.6g})"
         ), own
     verdict, text = explain(r.diff, values, own, float(r.tol))
+    if r.phase == Phase.LEARNING.value and verdict == "MISMATCH" and text.startswith("difference"):
+        text += " — rewards not paid by the env are in the training data (a reward-changing connector on the env runner?)" if r.diff > 0 else (
+            " — rewards the env paid are missing from the training data")
     return Verdict(verdict), prefix + text, own
 
 

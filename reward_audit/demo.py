@@ -86,7 +86,8 @@ def run_demo(output: str, iterations: int = 4, inject: str | None = None) -> str
     """Train ``iterations`` PPO iterations recording to ``output``; returns the output folder.
 
     ``inject``: ``"leak"`` / ``"drop"`` / ``"mismatch"`` corrupts RLlib's metrics on purpose
-    (self-test); ``"drop"`` uses three agents sharing one module, as the Ray 2.53 bug needed.
+    (self-test); ``"drop"`` uses three agents sharing one module, as the Ray 2.53 bug needed;
+    ``"signal"`` moves one agent's rewards into another module's training data instead.
     """
     import ray
 

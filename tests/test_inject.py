@@ -88,3 +88,15 @@ def test_injected_mismatch_is_mismatch_and_cli_exits_1(tmp_path):
     result = CliRunner().invoke(main, ["compare", str(tmp_path)])
     assert result.exit_code == 1
     assert "[SELF-TEST: fault 'mismatch' injected]" in result.output
+
+
+def test_demo_signal_fails_the_learning_phase_only(tmp_path):
+    """`reward-audit demo --inject signal`: agent 0's rewards land in module p1's training
+    data (capture/inject.py); RLlib's metrics stay right. Exit 1, and the bottom line says so."""
+    result = CliRunner().invoke(main, ["demo", "--inject", "signal", "--iterations", "2", "--out", str(tmp_path), "--format", "json"])
+    assert result.exit_code == 1, result.output
+    audit = compare(str(tmp_path))
+    learning = {(f.kind, f.key): f.verdict for f in audit.findings if f.phase == "learning" and f.kind in ("module", "agent")}
+    assert learning[("module", "p1")] is Verdict.LEAK and learning[("module", "p0")] is Verdict.DROP, learning
+    assert {f.verdict for f in audit.findings if f.phase == "train"} <= {Verdict.CLEAN, Verdict.INCOMPLETE}
+    assert audit.manifest["injected_fault"] == "signal"

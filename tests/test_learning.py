@@ -8,14 +8,12 @@ import os
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from synth import EVAL_RUNNER, RUNNER, SynthRun
 
 from reward_audit import Verdict, compare
 from reward_audit.errors import InvalidDataError
-from reward_audit.schema import BATCH_REWARDS
 from reward_audit.report import bottom_line, render_text
 from reward_audit.store import RunWriter
 
@@ -224,10 +222,15 @@ def test_clipped_batches_are_compared_with_clipped_rewards(tmp_path):
 
 def test_an_unclipped_batch_in_a_clipping_run_is_not_clean(tmp_path):
     folder = multi_iteration_run(str(tmp_path / "run"), clip=True, episodes=8)
-    wrong = [{"phase": "train", "runner_id": RUNNER, "episode_id": "e007", "chunk_seq": 99, "agent_id": "0", "module_id": "p0", "reward": 1.0,
-              "n_rewards": 1, "reward_bits": 53, "iteration": 3}]  # e007 runs in iterations 2-3: +1 on top of Σ sign(r)
+    wrong = [{"phase": "train", "runner_id": RUNNER, "episode_id": "e007", "chunk_seq": 99, "agent_id": "0", "module_id": "p0", "reward": 0.3,
+              "n_rewards": 1, "reward_bits": 53, "iteration": 3}]  # e007 runs in iterations 2-3: +0.3 on top of Σ sign(r)
     RunWriter(folder).write_rows("batch_rewards", wrong, "000003-extra")
-    assert learning_of(compare(folder))[("module", "p0")][0] is Verdict.MISMATCH
+    [p0] = [f for f in compare(folder).findings if f.phase == "learning" and f.key == "p0"]
+    assert p0.verdict is Verdict.MISMATCH and [e.episode_id for e in p0.evidence] == ["e007"]
+    assert p0.evidence[0].explanation == (
+        "difference +0.3 is not a sum of any agents' earlier/final-chunk rewards — rewards not paid by the env are in the training data "
+        "(a reward-changing connector on the env runner?)"
+    )
 
 
 def test_identical_and_conflicting_copies_of_a_batch_part(tmp_path):
