@@ -50,7 +50,7 @@ from reward_audit.synthetic import generate_run
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = sorted(glob.glob(os.path.join(ROOT, "fixtures", "runs", "*", "reward_audit")))
 EXAMPLES = int(os.environ.get("REWARD_AUDIT_FUZZ_EXAMPLES", "40"))
-TABLES = ("raw_rewards", "reported_episodes", "reported_iterations", "drains")
+TABLES = ("raw_rewards", "reported_episodes", "reported_iterations", "drains", "batch_rewards")
 
 TRIED: collections.Counter = collections.Counter()  # inputs per fuzz test, printed by the last test
 STARTED = time.monotonic()
