@@ -81,8 +81,8 @@ def _criteria(config: pytest.Config) -> Criteria:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[_AUDITS_KEY] = []
-    given = ("--reward-audit-fail-on", "--reward-audit-allow", "--reward-audit-phase")
-    if any(config.getoption(name, None) for name in given):  # validate now; else nothing is imported
+    given = config.getoption("--reward-audit-fail-on", None) is not None or config.getoption("--reward-audit-allow", None) or config.getoption("--reward-audit-phase", None)
+    if given:  # validate now (a bad value stops pytest before any test); else nothing is imported
         _criteria(config)
 
 
