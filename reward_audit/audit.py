@@ -1,4 +1,5 @@
-"""The result types of an audit: ``Verdict``, ``Evidence``, ``Finding``, ``Audit``.
+"""The result types of an audit: ``Verdict``, ``Evidence``, ``Finding``, ``Audit``. What
+makes one fail (``Criteria``) is in criteria.py; its one-line answer in bottom_line.py.
 
     >>> audit = reward_audit.compare("runs/PPO_trial_0")
     >>> audit.ok, [str(f) for f in audit.failures()]
@@ -11,13 +12,13 @@ from __future__ import annotations
 
 import enum
 import math
-import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import pandas as pd
 
-from .schema import Kind, Phase
+if TYPE_CHECKING:
+    from .criteria import Criteria
 
 
 @dataclass(frozen=True)
@@ -162,128 +163,15 @@ def _short(x: float) -> str:
     return f"{x + 0.0:.6g}"
 
 
-# --------------------------------------------------------------------------- what fails
-
-PHASES = tuple(p.value for p in Phase)
-KINDS = tuple(k.value for k in Kind)
-_PHASE_REASON = re.compile(r"nothing verified in phase (\S+?):")
+_MOVED = {"Criteria", "Unverified", "parse_allow", "parse_fail_on", "PHASES", "KINDS"}  # now in criteria.py
 
 
-def parse_allow(entry: str) -> tuple[str | None, str, str]:
-    """``"phase:kind:key"`` or ``"kind:key"`` -> ``(phase or None, kind, key)``. A key may
-    hold colons: the first field is a phase only when it names one (phases and kinds are
-    disjoint), so ``"module:a:b"`` is module ``a:b`` in every phase."""
-    parts = entry.split(":", 2)
-    if len(parts) == 3 and parts[0] in PHASES and parts[1] in KINDS and parts[2]:
-        return parts[0], parts[1], parts[2]
-    kind, _, key = entry.partition(":")
-    if kind in KINDS and key:
-        return None, kind, key
-    raise ValueError(
-        f"{entry!r}: an allowed finding is `kind:key` or `phase:kind:key`, e.g. `module:frozen_snapshot` or "
-        f"`train:policy:p1` (kinds: {', '.join(KINDS)}; phases: {', '.join(PHASES)})"
-    )
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        from . import criteria
 
-
-def _names(entry: tuple[str | None, str, str], finding: Finding) -> bool:
-    phase, kind, key = entry
-    return (phase is None or phase == finding.phase) and (kind, key) == (finding.kind, finding.key)
-
-
-def _reason_phase(reason: str) -> str | None:
-    """The phase a ``nothing_verified`` reason is about; ``None``: the whole run."""
-    m = _PHASE_REASON.match(reason)
-    return m.group(1) if m else None
-
-
-@dataclass(frozen=True)
-class Unverified:
-    """A run or phase in which nothing could be verified, and whether it fails under a ``Criteria``."""
-
-    reason: str
-    phase: str | None  # None: the whole run
-    failing: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"phase": self.phase, "reason": self.reason, "failing": self.failing}
-
-
-@dataclass(frozen=True)
-class Criteria:
-    """What makes an audit fail. One object decides the CLI's exit code and its ``--fail-on``,
-    ``--allow``, ``--phase``, ``--allow-unverified``, ``assert_no_leakage(fail_on=, allow=,
-    phases=, allow_unverified=)``, the ``ok`` / ``failing`` fields of the JSON and the
-    summary line of every rendering — so they always agree.
-
-    * A finding fails when its verdict is in ``fail_on``, its phase is checked (``phases``;
-      ``None``: every phase) and no ``allow`` entry (``"kind:key"`` or
-      ``"phase:kind:key"``) names it.
-    * Fail closed: a run, or a checked phase, where nothing could be verified fails unless
-      ``allow_unverified`` — including a phase asked for in ``phases`` that the run has no
-      finding in (``phases=["evaluation"]`` on a run without evaluation checks nothing).
-
-        >>> Criteria(allow=["module:frozen"], phases=["train"]).passes(audit)
-    """
-
-    fail_on: frozenset[Verdict] = FAILURES
-    allow: tuple[str, ...] = ()
-    phases: tuple[str, ...] | None = None
-    allow_unverified: bool = False
-
-    def __post_init__(self) -> None:  # accept any iterables and verdict names in any case
-        allow = (self.allow,) if isinstance(self.allow, str) else tuple(self.allow)
-        phases = None if self.phases is None else ((self.phases,) if isinstance(self.phases, str) else tuple(self.phases))
-        for phase in phases or ():
-            if phase not in PHASES:
-                raise ValueError(f"{phase!r}: not a phase; use one of {', '.join(PHASES)}")
-        object.__setattr__(self, "fail_on", frozenset(Verdict(v.upper()) if isinstance(v, str) else Verdict(v) for v in self.fail_on))
-        object.__setattr__(self, "allow", allow)
-        object.__setattr__(self, "phases", phases)
-        object.__setattr__(self, "_allowed", tuple(parse_allow(a) for a in allow))
-
-    def checks(self, phase: str) -> bool:
-        return self.phases is None or phase in self.phases
-
-    def allows(self, finding: Finding) -> bool:
-        return any(_names(entry, finding) for entry in self._allowed)
-
-    def fails(self, finding: Finding) -> bool:
-        return finding.verdict in self.fail_on and self.checks(finding.phase) and not self.allows(finding)
-
-    def failing(self, audit: Audit) -> list[Finding]:
-        return [f for f in audit.findings if self.fails(f)]
-
-    def ignored(self, audit: Audit) -> list[Finding]:
-        """Findings with a failing verdict that do not fail: allowed, or outside ``phases``."""
-        return [f for f in audit.findings if f.verdict in self.fail_on and not self.fails(f)]
-
-    def unverified(self, audit: Audit) -> list[Unverified]:
-        """Every reason nothing could be verified (the run's own, and a checked phase the run
-        has no finding in), each with whether it fails."""
-        out = [Unverified(r, p, not self.allow_unverified and (p is None or self.checks(p))) for r in audit.nothing_verified for p in [_reason_phase(r)]]
-        if audit.findings or not audit.nothing_verified:  # an empty run already says so, once
-            seen = {f.phase for f in audit.findings} | {u.phase for u in out}
-            for phase in self.phases or ():
-                if phase not in seen:
-                    why = f"nothing verified in phase {phase}: the run recorded nothing in this phase, and the check was limited to it"
-                    out.append(Unverified(why, phase, not self.allow_unverified))
-        return out
-
-    def passes(self, audit: Audit) -> bool:
-        return not self.failing(audit) and not any(u.failing for u in self.unverified(audit))
-
-    def unused_allow(self, audits: Iterable[Audit]) -> list[str]:
-        """``allow`` entries that name no finding of ``audits`` (a typo, or a fixed bug)."""
-        findings = [f for a in audits for f in a.findings]
-        return [text for text, entry in zip(self.allow, self._allowed) if not any(_names(entry, f) for f in findings)]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "fail_on": sorted(v.value for v in self.fail_on),
-            "allow": list(self.allow),
-            "phases": None if self.phases is None else list(self.phases),
-            "allow_unverified": self.allow_unverified,
-        }
+        return getattr(criteria, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -324,6 +212,8 @@ class Audit:
     ) -> bool:
         """No failing finding, and (unless ``allow_unverified``) something was verified; see
         ``Criteria`` for ``allow`` and ``phases``."""
+        from .criteria import Criteria
+
         return Criteria(fail_on=fail_on, allow=allow, phases=phases, allow_unverified=allow_unverified).passes(self)
 
     @property
@@ -364,8 +254,12 @@ class Audit:
         """JSON-safe: the run's object in ``reward-audit compare --format json`` (its
         ``runs`` list). ``ok`` and each finding's ``failing`` follow ``criteria`` (default:
         fail on LEAK / DROP / MISMATCH, and when nothing could be verified)."""
+        from .bottom_line import BottomLine
+        from .criteria import Criteria
+
         criteria = criteria or Criteria()
         m = self.manifest
+        line = BottomLine.of(self)
         return {
             "run": self.path,
             "name": self.name,
@@ -375,6 +269,7 @@ class Audit:
             "injected_fault": m.get("injected_fault"),
             "ok": criteria.passes(self),
             "counts": self.counts(),
+            "bottom_line": line and line.to_dict(criteria),  # bottom_line.py; null without training batches
             "findings": [{**f.to_dict(), "failing": criteria.fails(f)} for f in self.findings],
             "nothing_verified": [u.to_dict() for u in criteria.unverified(self)],
             "dashboards": [
@@ -397,9 +292,14 @@ class Audit:
     # ----------------------------------------------------------------------- notebooks
 
     def __repr__(self) -> str:
-        """One line: ``<Audit PPO_trial_0: 5 CLEAN, 4 LEAK — ok=False>``."""
+        """One line: ``<Audit PPO_trial_0: 5 CLEAN, 4 LEAK — ok=False>``; with training batches
+        recorded, ``<Audit …: 6 CLEAN, 1 LEAK, 1 DROP; metrics: CLEAN · training batches: LEAK — ok=False>``."""
+        from .bottom_line import BottomLine
+
         counts = ", ".join(f"{n} {v}" for v, n in self.counts().items())
-        return f"<Audit {self.name!r}: {counts or 'no findings'}{', nothing verified' if self.nothing_verified else ''} — ok={self.ok}>"
+        line = BottomLine.of(self)
+        head = f"; {line.head}" if line else ""
+        return f"<Audit {self.name!r}: {counts or 'no findings'}{', nothing verified' if self.nothing_verified else ''}{head} — ok={self.ok}>"
 
     def _repr_html_(self) -> str:
         """Jupyter: the report's section for this run, without plots (``render_html`` has them)."""

@@ -4,7 +4,7 @@ Exit codes: 0 no failing verdict, 1 a failing verdict (LEAK / DROP / MISMATCH by
 ``--fail-on``), 2 unusable input (one line on stderr naming the path and the fix).
 
 Every command that audits takes the same flags: what fails (``check_options``: one
-``audit.Criteria``, the object ``assert_no_leakage`` uses too) and the output
+``criteria.Criteria``, the object ``assert_no_leakage`` uses too) and the output
 (``--format text|json|md|html``, one ``report.render`` for all). The exit code is 0
 exactly when the JSON document's ``ok`` is true.
 """
@@ -21,7 +21,8 @@ from typing import Any, Callable
 
 import click
 
-from .audit import FAILURES, PHASES, Criteria, Verdict, parse_allow
+from .audit import FAILURES, Verdict
+from .criteria import PHASES, Criteria, parse_allow, parse_fail_on
 from .compare import compare
 from .errors import RewardAuditError
 from .report import FORMATS, render, visible
@@ -31,13 +32,10 @@ EXIT_OK, EXIT_FINDINGS, EXIT_BAD_INPUT = 0, 1, 2
 
 
 def _parse_fail_on(ctx: click.Context, param: click.Parameter, value: str) -> frozenset[Verdict]:
-    names = [v.strip().upper() for v in value.split(",") if v.strip()]
-    if not names:  # `--fail-on ''` would make every audit pass: say which verdicts instead
-        raise click.BadParameter(f"{value!r}: name at least one verdict, e.g. `--fail-on leak,drop,mismatch`")
-    try:
-        return frozenset(Verdict(n) for n in names)
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: use a comma-separated list of {', '.join(v.value.lower() for v in Verdict)}")
+    try:  # `--fail-on ''` would make every audit pass: it says which verdicts instead
+        return parse_fail_on(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e))
 
 
 def _parse_allow(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -52,7 +50,7 @@ def _parse_allow(ctx: click.Context, param: click.Parameter, value: tuple[str, .
 def check_options(fn: Callable) -> Callable:
     """What makes the exit code 1, shared by every command that audits: ``--fail-on``,
     ``--allow``, ``--phase``, ``--allow-unverified`` (given to the command as one
-    ``criteria``, an ``audit.Criteria``) and the tolerances ``--atol`` / ``--rtol``."""
+    ``criteria``, a ``criteria.Criteria``) and the tolerances ``--atol`` / ``--rtol``."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, fail_on: frozenset[Verdict], allow: tuple[str, ...], phases: tuple[str, ...], allow_unverified: bool, **kwargs: Any) -> Any:

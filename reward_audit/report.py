@@ -25,8 +25,9 @@ import html
 import json
 from typing import Any, Callable, Iterable, Sequence
 
-from .audit import Audit, Criteria, Finding, Verdict, plural
-from .schema import Phase
+from .audit import Audit, Finding, Verdict, plural
+from .criteria import Criteria
+from .bottom_line import bottom_line
 
 FORMATS = ("text", "json", "md", "html")
 PLOTS_HINT = 'Plots need matplotlib: `pip install "reward_audit[report]"`.'
@@ -163,49 +164,6 @@ def render_text(audit: Audit, *, verbose: bool = False, criteria: Criteria | Non
     return "\n".join(visible(line) for line in lines)
 
 
-_BOTTOM = {
-    (False, False): "the reported numbers and the training data both match what the env paid",
-    (True, False): "the policies were trained on the right rewards; only the reported numbers are wrong",
-    (False, True): "the policies were trained on wrong rewards, though the reported numbers look right",
-    (True, True): "both the reported numbers and the training data are wrong",
-}
-
-
-def _label(findings: list) -> str:
-    """The most severe verdict among ``findings`` that is failing or CLEAN (else warning)."""
-    if not findings:
-        return "not recorded"
-    failing = [f.verdict for f in findings if f.verdict.failing]
-    if failing:
-        return min(failing, key=lambda v: v.severity).value
-    if any(f.verdict is Verdict.CLEAN for f in findings):
-        return Verdict.CLEAN.value
-    return min((f.verdict for f in findings), key=lambda v: v.severity).value
-
-
-def bottom_line(audit: Audit) -> str | None:
-    """One line on both questions: were the reported numbers right (phases train and
-    evaluation), and were the modules trained on the right rewards (phase ``learning``,
-    docs/learning.md)? None for a run without training batches recorded::
-
-        metrics: LEAK · training batches: CLEAN — the policies were trained on the right rewards; only the reported numbers are wrong
-    """
-    learning = [f for f in audit.findings if f.phase == Phase.LEARNING.value]
-    if not learning:
-        return None
-    metrics = [f for f in audit.findings if f.phase in (Phase.TRAIN.value, Phase.EVALUATION.value)]
-    head = f"metrics: {_label(metrics)} · training batches: {_label(learning)}"
-    m_bad, l_bad = (any(f.verdict.failing for f in fs) for fs in (metrics, learning))
-    if all(_label(fs) == Verdict.CLEAN.value or bad for fs, bad in ((metrics, m_bad), (learning, l_bad))):
-        return f"{head} — {_BOTTOM[(m_bad, l_bad)]}"
-    # One side could not be judged: say only what is known.
-    if l_bad:
-        return f"{head} — the policies were trained on wrong rewards"
-    if m_bad:
-        return f"{head} — the reported numbers are wrong"
-    return head
-
-
 def to_document(audits: Audit | Sequence[Audit], *, criteria: Criteria | None = None) -> dict[str, Any]:
     """The JSON document of ``--format json`` as a dict: ``ok`` (the exit code is 0 exactly
     when it is true), verdict ``counts`` over every run, the ``tool`` that made it, the
@@ -336,6 +294,8 @@ def _as_list(audits: Audit | Sequence[Audit]) -> list[Audit]:
 
 def _markdown_section(audit: Audit, criteria: Criteria) -> list[str]:
     lines = [f"## reward_audit: {md_text(audit.name)}", "", f"Run {md_text(_header_text(audit))}", "", f"**{md_text(_summary(audit, criteria))}**", ""]
+    line = bottom_line(audit)
+    lines += [f"> **Bottom line:** {md_text(line)}", ""] if line else []
     unverified = criteria.unverified(audit)
     lines += [f"- UNVERIFIED: {md_text(u.reason)}" for u in unverified] + ([""] if unverified else [])
     lines += ["| phase | kind | key | episodes | truth | reported | diff | verdict |", "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |"]
@@ -408,10 +368,12 @@ def _html_section(audit: Audit, index: int, criteria: Criteria, plots: bool) -> 
     meaning = "".join(f"<li>{x}</li>" for x in meaning_lines(audit, text=esc, code=lambda s: f"<code>{esc(s)}</code>"))
     unverified = "".join(f"<li>UNVERIFIED: {esc(u.reason)}</li>" for u in criteria.unverified(audit))
     notes = "".join(f"<li>{esc(n)}</li>" for n in audit.notes)
+    line = bottom_line(audit)
+    bottom = f"\n<p class=bottom-line><b>Bottom line:</b> {esc(line)}</p>" if line else ""
     return f"""<section id="run-{index}">
 <h2>{esc(audit.name)}</h2>
 <p>{esc(_header_text(audit))}</p>
-<p><b>{esc(_summary(audit, criteria))}</b></p>{f"<ul>{unverified}</ul>" if unverified else ""}
+<p><b>{esc(_summary(audit, criteria))}</b></p>{bottom}{f"<ul>{unverified}</ul>" if unverified else ""}
 <h3>Verdicts</h3>
 <table><tr><th>phase</th><th>kind</th><th>key</th><th>episodes</th><th>truth</th><th>reported</th><th>diff</th><th>verdict</th></tr>{rows}</table>
 <h3>Dashboards: shown vs. truth per iteration</h3>{figures if audit.dashboard else "<p>No dashboard series were recorded.</p>"}<ul>{dash}</ul>
@@ -447,6 +409,7 @@ td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: left; }}
 td.n {{ text-align: right; font-variant-numeric: tabular-nums; }}
 figure {{ display: inline-block; margin: 0.5em; }} figcaption {{ font-size: 0.8em; color: #555; }}
 section {{ border-top: 2px solid #888; margin-top: 2em; }} p.hint {{ color: #8a6d00; }}
+p.bottom-line {{ border-left: 4px solid #888; padding: 0.3em 0.8em; background: #f4f4f4; }}
 </style></head><body>
 <h1>reward_audit: {esc(title)}</h1>
 {index}{sections}</body></html>

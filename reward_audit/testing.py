@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from .audit import FAILURES, Audit, Criteria, Verdict
+from .audit import FAILURES, Audit, Verdict
+from .criteria import Criteria
 from .compare import compare
 from .report import render_text, visible
 from .store import load_runs
@@ -42,7 +43,7 @@ def assert_no_leakage(
     ``phases`` limits the check (e.g. ``["train"]``; a phase the run has nothing in fails
     as unverified); ``allow`` lists ``"phase:kind:key"`` (or ``"kind:key"``) findings to
     ignore, e.g. ``["module:frozen_snapshot"]`` (``ValueError`` for an entry of another
-    shape). The same rules as the CLI's ``--phase`` / ``--allow`` (``audit.Criteria``).
+    shape). The same rules as the CLI's ``--phase`` / ``--allow`` (``criteria.Criteria``).
     Returns the audits when they pass.
     """
     criteria = Criteria(fail_on=fail_on, allow=allow, phases=phases, allow_unverified=allow_unverified)  # as the CLI

@@ -31,6 +31,7 @@ class SynthRun:
     def __init__(self) -> None:
         self.raw: list[dict] = []
         self.reported: list[dict] = []
+        self.batches: list[dict] = []
         self._seq: dict[str, int] = {}
 
     def episode(
@@ -88,9 +89,19 @@ class SynthRun:
             }
         )
 
+    def trained(self, episode_id: str, chunk: int, agent: Any, module: str, reward: float, *, runner: str = RUNNER) -> None:
+        """``reward`` of ``agent`` in the training batch of ``module`` (table batch_rewards,
+        phase learning); ``chunk`` counts from 0 within the episode."""
+        self.batches.append(
+            {"phase": runner.split("/")[0], "runner_id": runner, "episode_id": episode_id, "chunk_seq": chunk, "agent_id": str(agent),
+             "module_id": module, "reward": float(reward), "n_rewards": 1, "reward_bits": 53, "iteration": 1}
+        )
+
     def write(self, folder: str, **manifest_overrides: Any) -> str:
         writer = RunWriter(folder)
         writer.write_manifest(manifest(**manifest_overrides))
         writer.write_rows("raw_rewards", self.raw, "000001")
         writer.write_rows("reported_episodes", self.reported, "000001")
+        if self.batches:
+            writer.write_rows("batch_rewards", self.batches, "000001")
         return folder
