@@ -4,7 +4,7 @@
 train runner's ``sample()`` handed to training. They join the same streamed pass as RLlib's
 metrics (``tally``): ``read_window`` encodes the window's batch rows in the codes of its raw
 rows (``b_*`` arrays, each row on its train episode), ``tally._close`` carries the batch rows
-of running episodes to the next window with their raw rows, and ``match`` turns the batch
+of running episodes to the next window with their raw rows, and ``learning_values`` turns the batch
 rows of every finished train episode into values of phase ``learning`` beside RLlib's
 reported ones:
 
@@ -37,7 +37,7 @@ from .schema import BATCH_REWARDS, Phase
 from .store import Run
 from .window import AGENT, MODULE, LeftOut, Window, codes, factorize, read_parts, unique_rows
 
-__all__ = ["LearningStream", "Values", "match", "UNNAMED_PREFIX", "ORD_BASE"]
+__all__ = ["LearningStream", "Values", "learning_values", "UNNAMED_PREFIX", "ORD_BASE"]
 
 UNNAMED_PREFIX = "#"  # old stack: an agent recorded by its `agent_index` only
 ORD_BASE = 1 << 62  # learning values sort after every reported part's (index << 32) + row
@@ -78,7 +78,7 @@ class LearningStream:
 
 @dataclass
 class Values:
-    """The learning values of one window, as ``tally._match`` appends them to its ``c_*``
+    """The learning values of one window, as ``values.match`` appends them to its ``c_*``
     arrays (agent values have module -1, module values agent -1; missing: expected from
     the raw rows but in no batch, value 0)."""
 
@@ -97,7 +97,7 @@ class Values:
     clipped: int  # (episode, agent) truths that are Σ clip(r)
 
 
-def match(w: Window, stream: LearningStream, train_code: int) -> Values | None:
+def learning_values(w: Window, stream: LearningStream, train_code: int) -> Values | None:
     """The learning values of the window's finished train episodes (``w.closed``,
     ``w.ep_done``) from their batch rows, with the truth of their raw rows (``tally._truth``:
     ``g_*`` per (episode, agent)). None when the window holds no batch rows."""

@@ -91,6 +91,12 @@ class KeyMap:
         return self(keys) >= 0
 
 
+def code_of(dictionary: np.ndarray, name: str) -> int:
+    """The code of ``name`` in a window's dictionary (-2 when absent: matches no code)."""
+    hits = np.flatnonzero(np.asarray(dictionary, dtype=object) == name)
+    return int(hits[0]) if len(hits) else -2
+
+
 # --------------------------------------------------------------------------- 1. read
 
 
