@@ -146,6 +146,27 @@ def cli_findings(path: str) -> tuple[int, dict[tuple[str, str, str], dict]]:
     return code, {(f["phase"], f["kind"], f["key"]): f for run in doc["runs"] for f in run["findings"]}
 
 
+def assert_shared_policy_clean_on_the_old_stack(out: str, ray_version: str, ledger_lines: list[dict]) -> None:
+    """One policy ``shared`` for agents 0, 1, 2 on the old stack: metrics and training
+    batches CLEAN in both phases, the batches float32 with every agent named, the raw rows
+    equal to the env's ledger."""
+    from reward_audit import compare, load_run
+    from reward_audit.report import bottom_line
+
+    code, findings = cli_findings(out)
+    assert code == 0, findings
+    assert findings[("train", "policy", "shared")]["verdict"] == "CLEAN" and findings[("evaluation", "policy", "shared")]["verdict"] == "CLEAN"
+    for key in [("module", "shared"), ("agent", "0"), ("agent", "1"), ("agent", "2")]:
+        f = findings[("learning", *key)]
+        assert f["verdict"] == "CLEAN" and f["episodes"] >= 4, f
+    assert bottom_line(compare(out)).startswith("metrics: CLEAN · training batches: CLEAN — ")
+    run = load_run(out)
+    assert run.manifest["api_stack"] == "old" and run.manifest["ray_version"].startswith(ray_version), run.manifest["ray_version"]
+    batch = run.read("batch_rewards").to_pandas()
+    assert set(batch["reward_bits"]) == {24} and set(batch["agent_id"]) == {"0", "1", "2"}  # float32, every agent named
+    assert_raw_matches_ledger(run, ledger_lines)
+
+
 # ----------------------------------------------------------------- Ray 2.1x experimental new stack
 
 
