@@ -147,6 +147,7 @@ class Collector:
                     "iteration": iteration,
                     "raw_rows": len(r["raw_rewards"]),
                     "reported_rows": len(r["reported_episodes"]),
+                    "batch_rows": len(r.get("batch_rewards", ())),
                     "dropped_episode_ids": r["dropped_episode_ids"] or None,
                 }
                 for r in results

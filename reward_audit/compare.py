@@ -71,7 +71,8 @@ def compare(
     handover = check_handover(run)
     notes: list[str] = list(handover.notes)
     result = _pass(run, atol, rtol, window_rows, progress, handover, notes)
-    if handover.missing_rows(result.runner_rows):  # rare: a part file is gone; leave its runner out
+    # Rare: a part file is gone; leave its runner out (of the learning phase, for batch rows).
+    if any([handover.missing_rows(result.runner_rows), handover.missing_batch_rows(result.batch_runner_rows)]):
         result = _pass(run, atol, rtol, window_rows, progress, handover, notes)
     notes += _duplicate_notes(result)
     if result.clipped_truth:
@@ -210,10 +211,10 @@ def _pass(run: Run, atol: float | None, rtol: float | None, window_rows: int | N
     """The streamed pass; if an episode's rows arrive after the window that closed it, once
     more in a single window."""
     try:
-        return tally(run, atol=atol, rtol=rtol, window_rows=window_rows, explain_limit=EXPLAIN_LIMIT, progress=progress, left_out=handover.left_out)
+        return tally(run, atol=atol, rtol=rtol, window_rows=window_rows, explain_limit=EXPLAIN_LIMIT, progress=progress, left_out=handover.left_out, unbatched=handover.unbatched)
     except LateData as e:
         notes.append(f"{e}; audited in one window instead")
-        return tally(run, atol=atol, rtol=rtol, window_rows=None, explain_limit=EXPLAIN_LIMIT, progress=progress, left_out=handover.left_out)
+        return tally(run, atol=atol, rtol=rtol, window_rows=None, explain_limit=EXPLAIN_LIMIT, progress=progress, left_out=handover.left_out, unbatched=handover.unbatched)
 
 
 def _duplicate_notes(result: Tally) -> list[str]:

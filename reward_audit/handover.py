@@ -5,6 +5,8 @@ manifest's ``segments`` (restores). Pure; no Ray.
 * a gap in a runner's ``drain_seq`` is a hand-over that never reached the folder: the rows
   it held are lost, so none of that runner's episodes can be judged (left out, INCOMPLETE);
 * fewer stored rows than the hand-overs claim: a part file is missing (INCOMPLETE, same);
+  fewer stored training-batch rows (schema 4): the runner's episodes are left out of phase
+  ``learning`` only;
 * ``dropped_episode_ids``: episodes a runner dropped whole when its buffer was full (left
   out, INCOMPLETE);
 * a new ``runner_id`` at the same (phase, worker index): the runner was restarted; the
@@ -22,7 +24,7 @@ import pandas as pd
 
 from .audit import Finding, Verdict, plural
 from .errors import InvalidDataError
-from .schema import Kind
+from .schema import Kind, Phase
 from .store import Run, drop_identical
 from .window import LeftOut
 
@@ -33,7 +35,9 @@ class Handover:
     notes: list[str] = field(default_factory=list)
     left_out: LeftOut = field(default_factory=lambda: LeftOut(set(), set()))
     claimed: dict = field(default_factory=dict)  # runner id -> raw rows its hand-overs wrote
+    claimed_batch: dict = field(default_factory=dict)  # runner id -> batch rows they wrote (schema 4)
     where: dict = field(default_factory=dict)  # runner id -> (phase, description, iterations)
+    unbatched: set = field(default_factory=set)  # runners whose batch rows were lost: not judged in `learning`
 
     def missing_rows(self, stored: dict[str, int]) -> bool:
         """After the pass: runners with fewer raw rows in the folder than their hand-overs
@@ -50,6 +54,26 @@ class Handover:
                 Finding(phase, Kind.EPISODE.value, "lost-rows", Verdict.INCOMPLETE, 0, None, None, None,
                         f"{who}: {claimed - have} of the {claimed} raw rows its hand-overs wrote are missing from raw_rewards/ "
                         f"(a part file deleted?; iterations {its}); none of its episodes are judged")
+            )
+            found = True
+        return found
+
+
+    def missing_batch_rows(self, stored: dict[str, int]) -> bool:
+        """After the pass: runners with fewer batch rows in the folder than their hand-overs
+        wrote (a ``batch_rewards`` part deleted). Their episodes are left out of phase
+        ``learning`` only; returns True if any was found (the pass must run again)."""
+        found = False
+        for runner, claimed in self.claimed_batch.items():
+            have = stored.get(runner, 0)
+            if have >= claimed or runner in self.unbatched or runner in self.left_out.runners:
+                continue
+            _, who, its = self.where[runner]
+            self.unbatched.add(runner)
+            self.findings.append(
+                Finding(Phase.LEARNING.value, Kind.EPISODE.value, "lost-rows", Verdict.INCOMPLETE, 0, None, None, None,
+                        f"{who}: {claimed - have} of the {claimed} training-batch rows its hand-overs wrote are missing from batch_rewards/ "
+                        f"(a part file deleted?; iterations {its}); none of its episodes are judged in phase learning")
             )
             found = True
         return found
@@ -98,6 +122,8 @@ def check_handover(run: Run) -> Handover:
             problems.append(f"{plural(len(missing), 'hand-over')} never reached the folder (drain {_ranges(missing)})")
         produced = int(last["raw_total"]) - int(last["dropped_raw"])
         claimed = out.claimed[runner] = int(d["raw_rows"].sum())
+        if d["batch_rows"].notna().any():
+            out.claimed_batch[runner] = int(d["batch_rows"].fillna(0).sum())
         out.where[runner] = (str(phase), who, _ranges(d["iteration"].tolist()))
         if produced > claimed:
             problems.append(f"{produced - claimed} raw rows it produced were never written")

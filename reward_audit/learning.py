@@ -47,10 +47,12 @@ BATCH_VALUES = ["reward", "n_rewards", "reward_bits", "iteration"]
 class LearningStream:
     """The run's ``batch_rewards`` parts, read one window at a time."""
 
-    def __init__(self, run: Run):
+    def __init__(self, run: Run, skip: set[str] | frozenset = frozenset()):
         self.run = run
         self.parts = list(run.parts.get("batch_rewards", ()))
+        self.skip = set(skip)  # runners whose batch rows were lost (handover): not judged
         self.emitted = 0  # learning values made so far (their `ord`)
+        self.runner_rows: dict[str, int] = {}  # runner id -> batch rows read (after de-duplication)
 
     def __bool__(self) -> bool:
         return bool(self.parts)
@@ -71,6 +73,11 @@ class LearningStream:
         keep, note = unique_rows("batch_rewards", key, table, file_of, files, BATCH_VALUES)
         if keep is not None:
             table, file_of = table.filter(pa.array(keep)), file_of[keep]
+        (runner,), runners = codes(table.column("runner_id"))
+        for name, n in zip(runners, np.bincount(runner, minlength=len(runners)).tolist()):
+            self.runner_rows[name] = self.runner_rows.get(name, 0) + n
+        if self.skip:
+            table, file_of = LeftOut(self.skip, set()).apply(table, file_of)
         if left_out:
             table, _ = left_out.apply(table, file_of)
         return table, read_rows, [note] if note else []
@@ -105,6 +112,8 @@ def learning_values(w: Window, stream: LearningStream, train_code: int) -> Value
         return None
     E, na, nm = w.E, max(len(w.agents), 1), len(w.modules) + 1
     judged = w.closed & w.has_raw & w.ep_done & (w.ep_phase == train_code)
+    if stream.skip:  # their batch rows were lost (handover.missing_batch_rows)
+        judged &= ~np.array([r in stream.skip for r in w.runners], bool)[w.ep_runner]
     rows = judged[w.b_eid]
     has_batch = np.bincount(w.b_eid[rows], minlength=E) > 0
     eid, agent, module = w.b_eid[rows], w.b_agent[rows], w.b_module[rows]

@@ -391,9 +391,10 @@ class RunnerRecorder:
         rows). Call before ``sample_ends``, which advances the call number."""
         base = {"phase": self.phase, "runner_id": self.runner_id, "chunk_seq": self.sample_seq}
         rows = self._batch_rows
-        if len(rows) > self.max_buffered_rows:
-            return  # the driver is not draining: raw rows are dropped too (INCOMPLETE)
+        full = len(rows) > self.max_buffered_rows  # the driver is not draining
         for episode_id, aid, mid, total, n, bits in sums:
+            if full:  # dropped whole, like its raw rows: the audit leaves it out (INCOMPLETE)
+                self._drop_episode(episode_id, 0)
             if episode_id in self._dropped:
                 continue
             rows.append(

@@ -21,12 +21,13 @@ import enum
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Versions this reward_audit reads. Version 1 parts lack `reward_cancel` / `reward_bits`: their
 # values are compared with the old relative tolerance, and the audit says so. Version 3 adds
 # the `drains` table and the manifest's `segments` (restores); without them the audit cannot
-# see lost hand-overs and says so.
-READABLE_SCHEMA_VERSIONS = (1, 2, 3)
+# see lost hand-overs and says so. Version 4 adds the `batch_rewards` table (phase
+# `learning`) and `drains.batch_rows`, which lets the audit see lost batch rows.
+READABLE_SCHEMA_VERSIONS = (1, 2, 3, 4)
 TOOL_NAME = "reward_audit"
 MANIFEST_NAME = "run.json"
 AUDIT_DIR_NAME = "reward_audit"
@@ -181,6 +182,7 @@ DRAINS = pa.schema(
         pa.field("dropped_reported", pa.int64(), nullable=False),
         pa.field("dropped_episode_ids", pa.list_(pa.string())),
         pa.field("failures", pa.int64(), nullable=False),
+        pa.field("batch_rows", pa.int64()),
     ]
 )
 
@@ -199,6 +201,7 @@ DRAINS_DOC = {
     "dropped_reported": "Reported episodes it dropped since it started.",
     "dropped_episode_ids": "Episodes dropped whole since the previous hand-over; the audit leaves all their rows out.",
     "failures": "Failures logged inside reward_audit on that runner since it started.",
+    "batch_rows": "`batch_rewards` rows in this hand-over (schema 4; null before): fewer stored than handed over means training-batch rows were lost.",
 }
 
 BATCH_REWARDS = pa.schema(
@@ -228,6 +231,15 @@ BATCH_REWARDS_DOC = {
     "reward_bits": "Significand bits of the batch's reward array (24: float32, as the old stack's `SampleBatch` stores them); the learning comparison's rounding bound uses the fewer of these and the env's.",
     "iteration": "The audit's count of `train()` results when the driver collected the row (as in raw_rewards).",
 }
+
+# Columns a table gained after schema 1: parts of an older version lack them (read as null).
+ADDED_COLUMNS: dict[str, dict[int, tuple[str, ...]]] = {"raw_rewards": {2: V2_RAW_COLUMNS}, "drains": {4: ("batch_rows",)}}
+
+
+def optional_columns(table: str, version: int) -> tuple[str, ...]:
+    """The columns of ``table`` a part of schema ``version`` may lack."""
+    return tuple(c for since, columns in ADDED_COLUMNS.get(table, {}).items() if version < since for c in columns)
+
 
 TABLES: dict[str, pa.Schema] = {
     "raw_rewards": RAW_REWARDS,

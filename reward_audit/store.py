@@ -437,7 +437,7 @@ def _inspect(fs: pafs.FileSystem, file: str, name: str) -> Part:
             f"{file}: schema version {shown}, this reward_audit reads versions {', '.join(map(str, schema.READABLE_SCHEMA_VERSIONS))}; "
             "use the reward_audit version that wrote the run"
         )
-    optional = schema.V2_RAW_COLUMNS if name == "raw_rewards" and version == b"1" else ()
+    optional = schema.optional_columns(name, int(version))
     missing = [f.name for f in expected if f.name not in arrow_schema.names and f.name not in optional]
     if missing:
         raise SchemaVersionError(f"{file}: missing columns {missing}; the file does not match schema {schema.SCHEMA_VERSION}")

@@ -74,6 +74,7 @@ class Tally:
     rows_read: int = 0
     duplicates: dict = field(default_factory=dict)  # table -> [rows dropped, files]: identical copies
     runner_rows: dict = field(default_factory=dict)  # runner id -> raw rows read (after de-duplication)
+    batch_runner_rows: dict = field(default_factory=dict)  # runner id -> batch rows read (after de-duplication)
     clipped_truth: int = 0  # learning values whose truth is Σ clip(r) (RLlib clipped before the batch)
 
 
@@ -82,20 +83,21 @@ class Tally:
 
 def tally(
     run: Run, *, atol: float | None, rtol: float | None, window_rows: int | None, explain_limit: int, progress: Progress | None = None, keep_rows: bool = False,
-    left_out: LeftOut | None = None,
+    left_out: LeftOut | None = None, unbatched: set[str] | frozenset = frozenset(),
 ) -> Tally:
     # Arrow's default pool (mimalloc / jemalloc) keeps freed window buffers mapped; the
     # system allocator returns them, so peak RSS stays one window's worth. Restored after.
     pool = pa.default_memory_pool()
     pa.set_memory_pool(pa.system_memory_pool())
     try:
-        return _tally_run(run, atol, rtol, window_rows, explain_limit, progress, keep_rows, left_out)
+        return _tally_run(run, atol, rtol, window_rows, explain_limit, progress, keep_rows, left_out, unbatched)
     finally:
         pa.set_memory_pool(pool)
 
 
 def _tally_run(
-    run: Run, atol: float | None, rtol: float | None, window_rows: int | None, explain_limit: int, progress: Progress | None, keep_rows: bool, left_out: LeftOut | None
+    run: Run, atol: float | None, rtol: float | None, window_rows: int | None, explain_limit: int, progress: Progress | None, keep_rows: bool, left_out: LeftOut | None,
+    unbatched: set[str] | frozenset,
 ) -> Tally:
     out = Tally()
     m = run.manifest
@@ -118,7 +120,7 @@ def _tally_run(
     rep_parts = list(run.parts.get("reported_episodes", ()))
     ctx.rep_index = {p.path: i for i, p in enumerate(rep_parts)}
     windows = plan(run, window_rows)
-    ctx.learning = LearningStream(run)
+    ctx.learning = LearningStream(run, unbatched)
     check_late = window_rows is not None and len(windows) > 1
     carried: pa.Table | None = None
     carried_batch: pa.Table | None = None
@@ -142,6 +144,7 @@ def _tally_run(
         match(w, ctx)
         reduce_window(w, ctx, out, a, b)
     out.windows = len(windows)
+    out.batch_runner_rows = ctx.learning.runner_rows
     out.fallback = ctx.fallback
     return out
 

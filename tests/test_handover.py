@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 from synth import manifest
 
-from reward_audit import Verdict, compare
+from reward_audit import load_run, Verdict, compare
 from reward_audit.capture.base import RECORDER_ATTR, Adapter
 from reward_audit.cli import main
 from reward_audit.collector import Collector
@@ -46,15 +46,18 @@ class FakeRunner:
         index = self.recorder.worker_index
         setattr(self, RECORDER_ATTR, RunnerRecorder(Phase.TRAIN, index, mapping_of=lambda e: MAPPING))
 
-    def play(self, chunks: list[dict], *, report: bool = True) -> str:
+    def play(self, chunks: list[dict], *, report: bool = True, batches: bool = False) -> str:
         """One episode of agents a (module pa) and b (module pb): ``chunks[i]`` = rewards per
-        agent in sample() call i. RLlib's report (the true sums) is recorded when it ends."""
+        agent in sample() call i. RLlib's report (the true sums) is recorded when it ends;
+        ``batches``: each call's training batch too (the true rewards, ``batch_rewards``)."""
         rec = self.recorder
         episode = f"{rec.runner_id}-e{self.next_episode}"
         self.next_episode += 1
         rec.tap_reset(0, {"a": 0, "b": 0})
         for i, rewards in enumerate(chunks):
             rec.tap_step(0, {"a": 0, "b": 0}, rewards)
+            if batches:
+                rec.batch_rewards([(episode, aid, MAPPING[aid], r, 1, 53) for aid, r in rewards.items()])
             if i == len(chunks) - 1:
                 rec.episode_ends(episode, 0, "episode")
                 if report:
@@ -195,6 +198,26 @@ def test_a_deleted_part_is_incomplete_not_a_false_verdict(tmp_path):
     assert len(messages) == 2  # both runners wrote into the deleted part
     assert all("missing from raw_rewards/ (a part file deleted?" in m for m in messages)
     assert all("2 of the 4 raw rows its hand-overs wrote" in m for m in messages)  # each had 2 of 4 rows in that part
+
+
+def test_a_deleted_batch_part_leaves_its_runners_out_of_learning_not_a_false_drop(tmp_path):
+    algorithm, collector = run_folder(tmp_path)
+    for _ in range(2):
+        for r in algorithm.runners:
+            r.play([{"a": 1.0, "b": 10.0}, {"a": 2.0, "b": 20.0}], batches=True)
+        train(collector, algorithm)
+    folder = str(tmp_path / "trial/reward_audit")
+    drains = compare(folder)
+    assert {(f.kind, f.key): f.verdict for f in drains.findings if f.phase == "learning" and f.kind in ("module", "agent")} == {
+        ("module", "pa"): Verdict.CLEAN, ("module", "pb"): Verdict.CLEAN, ("agent", "a"): Verdict.CLEAN, ("agent", "b"): Verdict.CLEAN}
+    assert set(load_run(folder).read("drains").to_pandas()["batch_rows"]) == {4}  # 2 calls x 2 agents per runner and iteration
+    os.remove(sorted(glob.glob(f"{folder}/batch_rewards/part-000001-*.parquet"))[0])
+    audit = compare(folder)
+    assert not failing(audit)  # the metrics are still judged, and nothing is called a DROP
+    lost = [f for f in audit.findings if f.phase == "learning" and f.key == "lost-rows"]
+    assert len(lost) == 2 and all("4 of the 8 training-batch rows its hand-overs wrote are missing from batch_rewards/" in f.message for f in lost), [f.message for f in lost]
+    assert not [f for f in audit.findings if f.phase == "learning" and f.kind in ("module", "agent")]  # none judged
+    assert {(f.kind, f.key): f.verdict for f in audit.findings if f.phase == "train" and f.kind == "module"} == {("module", "pa"): Verdict.CLEAN, ("module", "pb"): Verdict.CLEAN}
 
 
 def test_a_failed_write_is_retried_and_counted(tmp_path, monkeypatch):
