@@ -130,7 +130,8 @@ class TurnBasedEnv(MultiAgentEnv):
     before the second player's first observation (RLlib never counts that reward).
 
     env_config: ``agents`` (default ``["white", "black"]``), ``episode_len`` (moves, default
-    20), ``random_rewards``, ``ledger_dir``.
+    20), ``random_rewards``, ``ledger_dir``; ``final_obs``: who observes the last step,
+    ``"all"`` (default) or ``"none"`` (as RLlib's ``OpenSpielEnv`` does).
     """
 
     def __init__(self, config: dict | None = None):
@@ -139,6 +140,9 @@ class TurnBasedEnv(MultiAgentEnv):
         self.agents = self.possible_agents = list(config.get("agents", ["white", "black"]))
         self.episode_len = int(config.get("episode_len", 20))
         self.random_rewards = bool(config.get("random_rewards", False))
+        self.final_obs = config.get("final_obs", "all")
+        if self.final_obs not in ("all", "none"):
+            raise ValueError(f"TurnBasedEnv: final_obs must be 'all' or 'none', got {self.final_obs!r}")
         self.rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
         _declare_spaces(self, gym.spaces.Box(0.0, 1.0, (2,), np.float32), gym.spaces.Discrete(2))
         self.ledger = _Ledger(config.get("ledger_dir"))
@@ -161,7 +165,7 @@ class TurnBasedEnv(MultiAgentEnv):
         rewards = {mover: 1.0 * factor, waiting: -0.5 * factor}
         done = self.t >= self.episode_len
         if done:
-            obs = {aid: self._obs_for(aid)[aid] for aid in self.agents}
+            obs = {aid: self._obs_for(aid)[aid] for aid in self.agents} if self.final_obs == "all" else {}
         else:
             obs = self._obs_for(waiting)
         self.ledger.add(rewards, obs)

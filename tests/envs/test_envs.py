@@ -317,6 +317,30 @@ def test_audit_is_clean(case: Case, tmp_path):
     assert not unexpected, "\n".join(unexpected)
     compared = [f for f in audit.findings if f.kind in ("module", "policy") and (f.verdict == Verdict.CLEAN or f in rllib_drops)]
     assert compared and all(f.episodes >= 1 for f in compared), audit.findings
+    assert_learning_matches_metrics(audit)
+
+
+def assert_learning_matches_metrics(audit: Any) -> None:
+    """Phase ``learning`` (the training batches, docs/learning.md): a value for every module
+    the metrics judged; CLEAN wherever RLlib's metrics are right, and where RLlib 2.60 lost a
+    waiting player's reward across a cut (connect four) the batch misses the very same
+    reward: DROP on the same episodes, with the same values."""
+    learning = {(f.kind, f.key): f for f in audit.findings if f.phase == "learning" and not f.verdict.warning}
+    judged = {(("module" if f.kind == "policy" else f.kind), f.key) for f in audit.findings if f.phase == "train" and f.kind in ("module", "policy") and not f.verdict.warning}
+    assert judged and judged <= set(learning), (sorted(judged), sorted(learning))
+    train = {(f.kind, f.key): f for f in audit.findings if f.phase == "train" and not f.verdict.warning}
+    for key, f in learning.items():
+        assert f.episodes >= 1 and f.verdict in (Verdict.CLEAN, Verdict.DROP), str(f)
+        # The old stack reports per policy and no per-agent values: learning's agent values stand alone.
+        reported = train.get(key) or train.get(("policy", key[1]) if key[0] == "module" else None)
+        if reported is None:
+            assert f.verdict == Verdict.CLEAN, str(f)
+        elif f.verdict == Verdict.DROP:
+            trained_on = {e.episode_id: e.reported for e in f.evidence if e.verdict.failing}
+            metrics = {e.episode_id: e.reported for e in reported.evidence if e.verdict.failing}
+            assert trained_on.keys() == metrics.keys() and all(abs(trained_on[k] - metrics[k]) < 1e-9 for k in metrics), (key, trained_on, metrics)
+        else:
+            assert reported.verdict == Verdict.CLEAN, (str(f), str(reported))
 
 
 FAULT_CASES = [c for c in CASES if c.fault]
@@ -336,6 +360,9 @@ def test_injected_fault_is_caught(case: Case, tmp_path):
             continue
         assert f.verdict == Verdict[case.fault.upper()], (f, [e.explanation for e in f.evidence])  # no other failing label
         assert not any("not a sum" in e.explanation for e in f.evidence) or case.fault == "mismatch", f
+    # The fault is injected into RLlib's metrics only: the training batches stay right.
+    learning = [f for f in audit.findings if f.phase == "learning" and not f.verdict.warning]
+    assert learning and all(f.verdict == Verdict.CLEAN or (case.rllib_drops and f in rllib_lost_rewards([f])) for f in learning), learning
 
 
 def test_rllib_loses_terminal_rewards_across_cut():

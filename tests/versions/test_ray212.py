@@ -42,7 +42,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from helpers import assert_raw_matches_ledger, assert_shared_policy_clean_on_the_old_stack, cli_compare, cli_findings, experimental_stack_ppo_config, train
+from helpers import assert_raw_matches_ledger, assert_shared_policy_clean_on_the_old_stack, cli_compare, cli_findings, experimental_stack_ppo_config, per_agent_episode_sums, record_turn_based, train
 from reward_audit import compare, load_run
 from reward_audit.report import bottom_line
 
@@ -337,3 +337,76 @@ def test_old_stack_shared_policy_is_clean_in_both_phases(tmp_path):
     )
     train(config, 2)
     assert_shared_policy_clean_on_the_old_stack(out, "2.12.", [line for lines in ledger_by_pid(led).values() for line in lines])
+
+
+# --------------------------------------------------------------------------- d. turn-based, cut by sample()
+
+
+def sample_without_learning(config, iterations: int) -> list[dict]:
+    """Train iterations whose ``training_step`` samples as PPO's does
+    (2.12 ``ppo.py:417-443``) and learns nothing: 2.12's PPO learner crashes on turn-based
+    episodes (``add_one_ts_to_episodes_and_truncate``: ``TypeError: 'NoneType' object is not
+    subscriptable``), and what this checks — the chunks ``sample()`` hands to training — is
+    complete before the learner sees them."""
+    from ray.rllib.execution.rollout_ops import synchronous_parallel_sample
+    from ray.rllib.utils.metrics import NUM_AGENT_STEPS_SAMPLED, NUM_ENV_STEPS_SAMPLED
+
+    algo = config.build()
+
+    def training_step() -> dict:
+        episodes = synchronous_parallel_sample(
+            worker_set=algo.workers, max_env_steps=algo.config.total_train_batch_size, sample_timeout_s=algo.config.sample_timeout_s, _uses_new_env_runners=True
+        )
+        algo._counters[NUM_ENV_STEPS_SAMPLED] += sum(e.env_steps() for e in episodes)
+        algo._counters[NUM_AGENT_STEPS_SAMPLED] += sum(e.agent_steps() for e in episodes)
+        return {}
+
+    algo.training_step = training_step
+    try:
+        return [algo.train() for _ in range(iterations)]
+    finally:
+        algo.stop()
+
+
+@pytest.fixture(scope="module")
+def turn_based(tmp_path_factory):
+    def build(env, env_config, policies, mapping, out, fragment):
+        return experimental_stack_ppo_config(env, env_config, policies, mapping, out, fragment=fragment, train_batch_size=128)
+
+    # One iteration: in the second, 2.12's env runner itself fails on these episodes
+    # (AssertionError in SingleAgentEpisode.validate, from MultiAgentEpisode.add_env_step).
+    out, lines = record_turn_based(tmp_path_factory.mktemp("turn_based"), "none", build=build, iterations=1, train_fn=sample_without_learning)
+    return SimpleNamespace(out=out, lines=lines, run=load_run(out))
+
+
+def test_turn_based_waiting_rewards_reach_the_next_chunks_batch(turn_based):
+    """A reward held for the waiting player at a cut is NOT lost on 2.12's experimental stack:
+    ``cut()`` copies it into the successor's ``_hanging_rewards_begin``
+    (``multi_agent_episode.py:971``), but the successor's constructor also rebuilds
+    ``_hanging_actions_end`` / ``_hanging_rewards_end`` from the lookback that ``cut()``
+    extends for waiting agents (``:908-919``, ``:1920-1924``, ``:1944``), and
+    ``add_env_step`` releases it with the player's next observation (``:492``). So every
+    batch chunk carries exactly what the env paid the agent in that chunk (rewards booked
+    with the agent's next observation), the final rewards of episodes cut one or two moves
+    before their end included — those Ray 2.53 / 2.60 lose when the last step observes
+    nobody. Phase ``learning`` is CLEAN; the metrics show the 2.12 chunk leak."""
+    audit = compare(turn_based.out)
+    learning = {(f.kind, f.key): f for f in audit.findings if f.phase == "learning"}
+    assert set(learning) == {("module", "p_white"), ("module", "p_black"), ("agent", "white"), ("agent", "black")}, sorted(learning)
+    assert all(f.verdict.value == "CLEAN" and f.episodes >= 5 for f in learning.values()), learning
+    assert {f.verdict.value for f in audit.findings if f.phase == "train" and f.kind == "policy"} == {"LEAK"}
+    raw = turn_based.run.raw[turn_based.run.raw["phase"] == "train"]
+    raw = raw.assign(counted=raw["reward"] - raw["pre_obs_reward"]).set_index(["episode_id", "chunk_seq", "agent_id"])
+    batch = turn_based.run.read("batch_rewards").to_pandas().set_index(["episode_id", "chunk_seq", "agent_id"])
+    assert sorted(batch.index) == sorted(raw.index)
+    assert (batch["reward"] - raw.loc[batch.index, "counted"]).abs().max() < 1e-9
+    # The cuts that lose rewards on 2.53 / 2.60 occurred: episodes whose final chunk holds one or two moves.
+    done = raw[raw["episode_done"]]
+    final_moves = batch.loc[done.index, "n_rewards"].groupby(level="episode_id").sum()
+    assert (final_moves <= 2).sum() >= 1, final_moves
+    sums = per_agent_episode_sums(turn_based.run)
+    assert (sums["truth"] - sums["batch"]).abs().max() < 1e-9
+
+
+def test_turn_based_tap_matches_the_env_ledger(turn_based):
+    assert_raw_matches_ledger(turn_based.run, turn_based.lines, subset=True)

@@ -20,7 +20,16 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="needs ray[rllib]==2.53.*; `make test-versions` builds that environment")
 
-from helpers import assert_raw_matches_ledger, assert_shared_policy_clean_on_the_old_stack, cli_compare, cli_findings, old_stack_ppo_config, record_scaled_rewards  # noqa: E402
+from helpers import (  # noqa: E402
+    assert_lost_across_cut_in_metrics_and_batches,
+    assert_raw_matches_ledger,
+    assert_shared_policy_clean_on_the_old_stack,
+    cli_compare,
+    cli_findings,
+    old_stack_ppo_config,
+    record_scaled_rewards,
+    record_turn_based,
+)
 from reward_audit import compare, load_run  # noqa: E402
 from reward_audit.report import bottom_line  # noqa: E402
 from reward_audit.envs import map_all_shared, map_by_id  # noqa: E402
@@ -192,3 +201,16 @@ def test_shared_policy_is_clean_on_the_old_stack(tmp_path):
     old-stack scenario, so the old adapter's 2.53 path (metrics and batches) is covered."""
     out, lines = record_scaled_rewards(tmp_path, ["shared"], map_all_shared, agents=AGENTS, build=old_stack_ppo_config)
     assert_shared_policy_clean_on_the_old_stack(out, "2.53.", lines)
+
+
+# --------------------------------------------------------------------------- turn-based, cut by sample()
+
+
+def test_waiting_player_reward_lost_across_cut_is_missing_from_training_too(tmp_path):
+    """As on Ray 2.60 (``test_ray260.py``): a turn-based episode whose last step observes
+    nobody, cut one or two moves before its end, loses the waiting player's final rewards
+    in ``MultiAgentEpisode`` (2.53 ``multi_agent_episode.py:903-1010`` ``cut()``, ``:574-583``
+    ``add_env_step``) — from the metrics and from the training batch alike."""
+    out, lines = record_turn_based(tmp_path, "none")
+    assert_lost_across_cut_in_metrics_and_batches(out)
+    assert_raw_matches_ledger(load_run(out), lines)

@@ -12,7 +12,7 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="needs ray[rllib]==2.60.*; `make test-versions` builds that environment")
 
-from helpers import assert_raw_matches_ledger, cli_findings, old_stack_ppo_config, record_scaled_rewards  # noqa: E402
+from helpers import assert_raw_matches_ledger, cli_findings, old_stack_ppo_config, assert_lost_across_cut_in_metrics_and_batches, record_scaled_rewards, record_turn_based  # noqa: E402
 from reward_audit import compare, load_run  # noqa: E402
 from reward_audit.report import bottom_line  # noqa: E402
 from reward_audit.envs import map_all_shared, map_by_id  # noqa: E402
@@ -127,3 +127,32 @@ def test_the_212_seed_scenario_is_clean(tmp_path, stack):
     seated = set(train["module_id"])
     assert_learning_clean(out, findings, seated, "01")  # frozen p3 / p4 included: their data leaves the runner too
     assert_raw_matches_ledger(run, lines)
+
+
+# --------------------------------------------------------------------------- turn-based, cut by sample()
+
+
+@pytest.fixture(scope="module")
+def turn_based_no_final_obs(tmp_path_factory):
+    return record_turn_based(tmp_path_factory.mktemp("turn_based_none"), "none")
+
+
+def test_waiting_player_reward_lost_across_cut_is_missing_from_training_too(turn_based_no_final_obs):
+    """The OpenSpiel connect four DROP (docs/tested_environments.md), made deterministic:
+    when the last step observes nobody and ``sample()`` cut the episode one or two moves
+    before its end, ``MultiAgentEpisode.cut()`` does not carry the waiting player over
+    (``multi_agent_episode.py:935-1001``) and ``add_env_step`` then discards its final
+    reward (``:574-583``). The same chunks are what ``sample()`` hands to training, so the
+    reward is missing from the training batch exactly as from the metrics: ``learning``
+    DROPs on the same episodes with the same values (docs/learning.md)."""
+    out, lines = turn_based_no_final_obs
+    assert_lost_across_cut_in_metrics_and_batches(out)
+    assert_raw_matches_ledger(load_run(out), lines)
+
+
+def test_turn_based_with_a_final_observation_is_clean(tmp_path):
+    """The control: the same cuts, but the last step observes both players — nothing is lost."""
+    out, lines = record_turn_based(tmp_path, "all")
+    code, findings = cli_findings(out)
+    assert code == 0, {k: f["message"] for k, f in findings.items() if f["verdict"] in FAILING}
+    assert_learning_clean(out, findings, ["p_white", "p_black"], ["white", "black"])
