@@ -190,6 +190,13 @@ def _shared_module(s: Setup) -> tuple[bool | None, str]:
     return None, f"exposed if the policy mapping sends several agents{count} (self-play, a shared policy)"
 
 
+def _waiting_player(s: Setup) -> tuple[bool | None, str]:
+    if s.batch_mode == "complete_episodes":
+        return False, "`batch_mode='complete_episodes'`: episodes are never cut by `sample()`"
+    length = f"rollout_fragment_length={s.rollout_fragment_length}" if s.rollout_fragment_length is not None else "rollout_fragment_length"
+    return None, f"exposed if the env is turn-based, its last step observes not every player (OpenSpiel) and episodes are longer than {length}"
+
+
 def _clip_rewards(s: Setup) -> tuple[bool | None, str]:
     if s.config_source is None:
         return None, "exposed if `clip_rewards` is set (or the env is Atari)"
@@ -205,6 +212,7 @@ def _pre_observation(s: Setup) -> tuple[bool | None, str]:
 CONDITIONS: dict[str, Condition] = {
     "chunk-leak": _chunk_leak,
     "shared-module-overwrite": _shared_module,
+    "waiting-player-cut": _waiting_player,
     "clip-rewards": _clip_rewards,
     "pre-observation-rewards": _pre_observation,
 }

@@ -34,6 +34,8 @@ def test_installed_ray_260_says_both_bugs_are_fixed(monkeypatch):
         "Ray 2.60.0 (installed); no config given (pass a trial dir, params.json or run folder for a closer look)",
         "ok         chunk-leak: not in Ray 2.60.0: affects 2.10 – 2.23 (ray-project/ray#45057, fixed in Ray 2.24 by #45543)",
         "ok         shared-module-overwrite: not in Ray 2.60.0: affects 2.20 – 2.53 (ray-project/ray#59860, fixed in Ray 2.54 by #60234)",
+        "CHECK      waiting-player-cut: Ray 2.60.0, if on the new API stack: exposed if the env is turn-based, its last step observes not every "
+        "player (OpenSpiel) and episodes are longer than rollout_fragment_length; affects training too",
         f"CHECK      clip-rewards: Ray 2.60.0, if on the old API stack: exposed if `clip_rewards` is set (or the env is Atari); {METRICS_ONLY}",
         PRE_OBS,
         HOW,
@@ -46,7 +48,7 @@ def test_reads_the_installed_ray_from_its_metadata():
     except importlib.metadata.PackageNotFoundError:
         installed = None
     code, lines = doctor()
-    assert code == 0 and len(lines) == 6
+    assert code == 0 and len(lines) == 7
     assert lines[0].startswith(f"Ray {installed} (installed)" if installed else "Ray (unknown) (Ray is not installed; pass `--ray-version`)")
 
 
@@ -59,7 +61,8 @@ def test_ray212_run_folder_names_the_chunk_leak():
         f"(ray-project/ray#45057, fixed in Ray 2.24 by #45543); {METRICS_ONLY}"
     )
     assert lines[2].startswith("ok         shared-module-overwrite: not in Ray 2.12.0: affects 2.20 – 2.53")
-    assert lines[3] == "ok         clip-rewards: new API stack; it affects the old stack only"
+    assert lines[3] == "ok         waiting-player-cut: not in Ray 2.12.0: affects 2.40 and later"
+    assert lines[4] == "ok         clip-rewards: new API stack; it affects the old stack only"
     assert lines[-1] == f"check now: `reward-audit compare {RAY212}` (this run was recorded with reward_audit)"
 
 
@@ -89,12 +92,13 @@ PARAMS_OLD_CLIP = {"enable_env_runner_and_connector_v2": False, "policies": {"p0
 @pytest.mark.parametrize(
     "params, ray_version, expected",
     [
-        (PARAMS_212, "2.12.0", {"chunk-leak": "CHECK", "shared-module-overwrite": "ok", "clip-rewards": "ok"}),
+        (PARAMS_212, "2.12.0", {"chunk-leak": "CHECK", "shared-module-overwrite": "ok", "waiting-player-cut": "ok", "clip-rewards": "ok"}),
         ({**PARAMS_212, "batch_mode": "complete_episodes"}, "2.12.0", {"chunk-leak": "ok"}),
         (PARAMS_212, "2.24.0", {"chunk-leak": "ok", "shared-module-overwrite": "CHECK"}),
-        (PARAMS_253_SHARED, "2.53.0", {"chunk-leak": "ok", "shared-module-overwrite": "EXPOSED", "clip-rewards": "ok"}),
+        (PARAMS_253_SHARED, "2.53.0", {"chunk-leak": "ok", "shared-module-overwrite": "EXPOSED", "waiting-player-cut": "CHECK", "clip-rewards": "ok"}),
+        ({**PARAMS_253_SHARED, "batch_mode": "complete_episodes"}, "2.60.0", {"waiting-player-cut": "ok"}),
         (PARAMS_253_SHARED, "2.54.0", {"shared-module-overwrite": "ok"}),
-        (PARAMS_OLD_CLIP, "2.60.0", {"chunk-leak": "ok", "shared-module-overwrite": "ok", "clip-rewards": "EXPOSED"}),
+        (PARAMS_OLD_CLIP, "2.60.0", {"chunk-leak": "ok", "shared-module-overwrite": "ok", "waiting-player-cut": "ok", "clip-rewards": "EXPOSED"}),
         ({**PARAMS_OLD_CLIP, "clip_rewards": None}, "2.60.0", {"clip-rewards": "ok"}),
         ({**PARAMS_OLD_CLIP, "enable_env_runner_and_connector_v2": True}, "2.60.0", {"clip-rewards": "ok"}),
     ],
@@ -109,9 +113,9 @@ def test_tune_trial_config(tmp_path, params, ray_version, expected, layout):
         path = tmp_path / "params.json" if layout == "params.json" else tmp_path
     code, lines = doctor(str(path), "--ray-version", ray_version)
     assert code == 0 and lines[0].startswith(f"Ray {ray_version} (--ray-version); API stack: ")
-    status = {line[11:].split(":")[0]: line[:10].strip() for line in lines[1:5]}
+    status = {line[11:].split(":")[0]: line[:10].strip() for line in lines[1:6]}
     assert {k: status[k] for k in expected} == expected
-    assert lines[4] == PRE_OBS and lines[-1] == HOW
+    assert lines[5] == PRE_OBS and lines[-1] == HOW
 
 
 def test_run_json_wins_over_params_json(tmp_path):

@@ -37,7 +37,7 @@ def _known(audit: Audit) -> list[str]:
 
 
 def test_table():
-    assert [b.id for b in KNOWN_BUGS] == ["chunk-leak", "shared-module-overwrite", "clip-rewards", "pre-observation-rewards"]
+    assert [b.id for b in KNOWN_BUGS] == ["chunk-leak", "shared-module-overwrite", "waiting-player-cut", "clip-rewards", "pre-observation-rewards"]
     assert (CHUNK_LEAK.versions, CHUNK_LEAK.reference) == ("2.10 – 2.23", "ray-project/ray#45057, fixed in Ray 2.24 by #45543")
     assert (SHARED_MODULE.versions, SHARED_MODULE.reference) == ("2.20 – 2.53", "ray-project/ray#59860, fixed in Ray 2.54 by #60234")
     assert (CLIP_REWARDS.versions, CLIP_REWARDS.reference) == ("2.10 and later", "")
@@ -137,3 +137,21 @@ def test_the_same_drop_is_named_only_on_affected_versions(tmp_path, ray_version,
     audit = compare(str(tmp_path))
     assert any(f.verdict is Verdict.DROP for f in audit.findings)
     assert _known(audit) == expected
+
+
+@pytest.mark.parametrize("ray_version, stack, named", [("2.60.0", "new", True), ("2.53.0", "new", True), ("2.12.0", "new", False), ("2.60.0", "old", False)])
+def test_waiting_player_cut_is_named_where_batches_and_metrics_both_drop(tmp_path, ray_version, stack, named):
+    """White's final-chunk reward (2) is in neither RLlib's value nor its training batch."""
+    from synth import SynthRun
+
+    from reward_audit import compare
+
+    run = SynthRun()
+    run.episode("e1", [{"white": 1.0, "black": -0.5}, {"white": 2.0, "black": -1.0}], {"white": "p_white", "black": "p_black"})
+    run.report("e1", "agent", 1.0, agent="white")
+    run.report("e1", "agent", -1.5, agent="black")
+    for chunk, agent, module, reward in [(0, "white", "p_white", 1.0), (0, "black", "p_black", -0.5), (1, "black", "p_black", -1.0)]:
+        run.trained("e1", chunk, agent, module, reward)
+    audit = compare(run.write(str(tmp_path / "run"), ray_version=ray_version, api_stack=stack))
+    assert {(f.phase, f.key): f.verdict.value for f in audit.findings if f.key == "white"} == {("train", "white"): "DROP", ("learning", "white"): "DROP"}
+    assert any(n.startswith("matches a known RLlib bug: turn-based episodes cut") for n in audit.notes) is named, audit.notes
