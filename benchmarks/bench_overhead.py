@@ -43,6 +43,26 @@ def one_round(algo, steps: int, audited: bool) -> float:
     return steps / (time.perf_counter() - start)
 
 
+def _time_batch_capture() -> list:
+    """Accumulate the time ``on_sample_end`` spends reading the training batch (measured
+    rounds only; the local env runner runs in this process)."""
+    from reward_audit.capture.newstack import NewStackAdapter
+
+    spent = [0.0, 0]
+    original = NewStackAdapter.batch_ends
+
+    def batch_ends(self, recorder, samples):
+        start = time.perf_counter()
+        try:
+            return original(self, recorder, samples)
+        finally:
+            spent[0] += time.perf_counter() - start
+            spent[1] += 1
+
+    NewStackAdapter.batch_ends = batch_ends
+    return spent
+
+
 def bare_tap_cost(steps: int = 20000) -> tuple[float, float]:
     """Worst case: the bare env stepped in a loop, with and without the tap (no RLlib)."""
     from reward_audit.capture.base import install_tap
@@ -76,14 +96,21 @@ def main() -> None:
     audited, plain = build(True, out), build(False, out)
     for algo, flag in ((audited, True), (plain, False)):  # warm-up
         one_round(algo, args.steps, flag)
+    spent = _time_batch_capture()
     with_cb, without_cb = [], []
     for _ in range(args.rounds):
         with_cb.append(one_round(audited, args.steps, True))
         without_cb.append(one_round(plain, args.steps, False))
     a, b = statistics.median(with_cb), statistics.median(without_cb)
+    paired = statistics.median(x / y for x, y in zip(with_cb, without_cb))
     print(f"env steps/s with callback:    {a:9.0f}  (median of {args.rounds} rounds of {args.steps} steps)")
     print(f"env steps/s without callback: {b:9.0f}")
-    print(f"throughput ratio with/without: {a / b:.3f}  (overhead {100 * (1 - a / b):+.1f}%)")
+    print(f"throughput ratio with/without: {a / b:.3f}  (overhead {100 * (1 - a / b):+.1f}%); median of the paired rounds' ratios {paired:.3f}")
+    audited_seconds = sum(args.steps / x for x in with_cb)
+    print(
+        f"training-batch capture (phase `learning`): {spent[0]:.3f} s in {spent[1]} sample() calls, "
+        f"{100 * spent[0] / audited_seconds:.2f}% of the audited rounds' time"
+    )
     step_plain, step_tapped = bare_tap_cost()
     print(f"bare env step: {step_plain * 1e6:.1f} us plain, {step_tapped * 1e6:.1f} us tapped (+{(step_tapped - step_plain) * 1e6:.1f} us per step, no RLlib)")
     audited.stop()
