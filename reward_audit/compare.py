@@ -108,7 +108,7 @@ def compare(
         run.name,
         run.manifest,
         tuple(findings),
-        lambda: episodes_frame(run, atol=atol, rtol=rtol),
+        lambda: episodes_frame(run, atol=atol, rtol=rtol, handover=handover),
         tuple(dashboard),
         tuple(notes + dash_notes),
         stats,
@@ -116,12 +116,16 @@ def compare(
     ))
 
 
-def episodes_frame(run: Run | str, *, atol: float | None = None, rtol: float | None = None) -> pd.DataFrame:
+def episodes_frame(run: Run | str, *, atol: float | None = None, rtol: float | None = None, handover: Handover | None = None) -> pd.DataFrame:
     """Every compared (episode, kind, key) value with its verdict and explanation, as one
-    DataFrame (``Audit.episodes``). Holds the whole comparison in memory: for small runs."""
+    DataFrame (``Audit.episodes``). Holds the whole comparison in memory: for small runs.
+    ``handover``: what ``compare`` left out (lost hand-overs, dropped episodes, lost batch
+    rows), so the frame shows the values the findings count."""
     if not isinstance(run, Run):
         run = load_run(run)
-    result = tally(run, atol=atol, rtol=rtol, window_rows=None, explain_limit=EXPLAIN_LIMIT, keep_rows=True)
+    if handover is None:
+        handover = check_handover(run)
+    result = tally(run, atol=atol, rtol=rtol, window_rows=None, explain_limit=EXPLAIN_LIMIT, keep_rows=True, left_out=handover.left_out, unbatched=handover.unbatched)
     if not result.rows:
         return pd.DataFrame()
     table = pd.concat(result.rows, ignore_index=True).sort_values(["ord", "runner_id", "episode_id", "kind"], na_position="last", kind="stable")

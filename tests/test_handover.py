@@ -196,6 +196,7 @@ def test_a_deleted_part_is_incomplete_not_a_false_verdict(tmp_path):
     assert not failing(audit)
     messages = [f.message for f in audit.findings if f.key == "lost-rows"]
     assert len(messages) == 2  # both runners wrote into the deleted part
+    assert audit.episodes.empty  # no runner's episode is judged, in the findings or the per-episode frame
     assert all("missing from raw_rewards/ (a part file deleted?" in m for m in messages)
     assert all("2 of the 4 raw rows its hand-overs wrote" in m for m in messages)  # each had 2 of 4 rows in that part
 
@@ -217,6 +218,7 @@ def test_a_deleted_batch_part_leaves_its_runners_out_of_learning_not_a_false_dro
     lost = [f for f in audit.findings if f.phase == "learning" and f.key == "lost-rows"]
     assert len(lost) == 2 and all("4 of the 8 training-batch rows its hand-overs wrote are missing from batch_rewards/" in f.message for f in lost), [f.message for f in lost]
     assert not [f for f in audit.findings if f.phase == "learning" and f.kind in ("module", "agent")]  # none judged
+    assert "learning" not in set(audit.episodes["phase"]) and {"train"} == set(audit.episodes["phase"])  # the frame agrees
     assert {(f.kind, f.key): f.verdict for f in audit.findings if f.phase == "train" and f.kind == "module"} == {("module", "pa"): Verdict.CLEAN, ("module", "pb"): Verdict.CLEAN}
 
 
