@@ -267,7 +267,7 @@ TABLE_DOCS: dict[str, tuple[str, dict[str, str]]] = {
         DRAINS_DOC,
     ),
     "batch_rewards": (
-        "One row per (runner, episode, chunk, agent, module): the rewards `sample()` handed to training (the `learning` phase, docs/learning.md).",
+        "One row per (runner, episode, chunk, agent, module): the rewards `sample()` handed to training (schema 4; the `learning` phase, docs/learning.md).",
         BATCH_REWARDS_DOC,
     ),
 }
