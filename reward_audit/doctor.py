@@ -5,6 +5,7 @@
     Ray 2.12.0 (from fixtures/runs/ray212_newstack_leak/reward_audit/run.json); API stack: new; modules: p1, p2, p3, p4; rollout_fragment_length=16
     CHECK      chunk-leak: Ray 2.12.0, new API stack: exposed if several agents play episodes longer than rollout_fragment_length=16 (ray-project/ray#45057, fixed in Ray 2.24 by #45543); known to affect only the reported metrics, not training
     ok         shared-module-overwrite: not in Ray 2.12.0: affects 2.20 – 2.53 (ray-project/ray#59860, fixed in Ray 2.54 by #60234)
+    ok         waiting-player-cut: not in Ray 2.12.0: affects 2.40 and later
     ok         clip-rewards: new API stack; it affects the old stack only
     by design  pre-observation-rewards: every Ray version: shown as EXCLUDED if the env pays an agent before its first observation (turn-based games)
     check now: `reward-audit compare fixtures/runs/ray212_newstack_leak` (this run was recorded with reward_audit)
@@ -176,11 +177,16 @@ def read_setup(path: str | None = None, ray_version: str | None = None) -> Setup
 Condition = Callable[[Setup], tuple]  # -> (exposed: True / False / None = cannot tell, why)
 
 
-def _chunk_leak(s: Setup) -> tuple[bool | None, str]:
+def _cut_by_sample(s: Setup, never: str, exposed_if: str) -> tuple[bool | None, str]:
+    """Bugs that need an episode cut by ``sample()``: not with complete episodes."""
     if s.batch_mode == "complete_episodes":
-        return False, "`batch_mode='complete_episodes'`: episodes are never split into chunks"
+        return False, f"`batch_mode='complete_episodes'`: episodes are never {never}"
     length = f"rollout_fragment_length={s.rollout_fragment_length}" if s.rollout_fragment_length is not None else "rollout_fragment_length"
-    return None, f"exposed if several agents play episodes longer than {length}"
+    return None, f"exposed if {exposed_if} {length}"
+
+
+def _chunk_leak(s: Setup) -> tuple[bool | None, str]:
+    return _cut_by_sample(s, "split into chunks", "several agents play episodes longer than")
 
 
 def _shared_module(s: Setup) -> tuple[bool | None, str]:
@@ -191,10 +197,7 @@ def _shared_module(s: Setup) -> tuple[bool | None, str]:
 
 
 def _waiting_player(s: Setup) -> tuple[bool | None, str]:
-    if s.batch_mode == "complete_episodes":
-        return False, "`batch_mode='complete_episodes'`: episodes are never cut by `sample()`"
-    length = f"rollout_fragment_length={s.rollout_fragment_length}" if s.rollout_fragment_length is not None else "rollout_fragment_length"
-    return None, f"exposed if the env is turn-based, its last step observes not every player (OpenSpiel) and episodes are longer than {length}"
+    return _cut_by_sample(s, "cut by `sample()`", "the env is turn-based, its last step observes not every player (OpenSpiel) and episodes are longer than")
 
 
 def _clip_rewards(s: Setup) -> tuple[bool | None, str]:

@@ -69,17 +69,16 @@ class LearningStream:
         read_rows = table.num_rows
         train = pc.equal(table.column("phase").cast(pa.string()), Phase.TRAIN.value)
         table, file_of = table.filter(train), file_of[train.to_numpy(zero_copy_only=False)]
-        key = [codes(table.column(c))[0][0] for c in ("runner_id", "episode_id", "agent_id", "module_id")] + [table.column("chunk_seq").to_numpy()]
+        (runner,), runners = codes(table.column("runner_id"))
+        key = [runner] + [codes(table.column(c))[0][0] for c in ("episode_id", "agent_id", "module_id")] + [table.column("chunk_seq").to_numpy()]
         keep, note = unique_rows("batch_rewards", key, table, file_of, files, BATCH_VALUES)
         if keep is not None:
-            table, file_of = table.filter(pa.array(keep)), file_of[keep]
-        (runner,), runners = codes(table.column("runner_id"))
+            table, file_of, runner = table.filter(pa.array(keep)), file_of[keep], runner[keep]
         for name, n in zip(runners, np.bincount(runner, minlength=len(runners)).tolist()):
             self.runner_rows[name] = self.runner_rows.get(name, 0) + n
-        if self.skip:
-            table, file_of = LeftOut(self.skip, set()).apply(table, file_of)
-        if left_out:
-            table, _ = left_out.apply(table, file_of)
+        out = LeftOut(self.skip | (left_out.runners if left_out else set()), left_out.episodes if left_out else set())
+        if out:
+            table, _ = out.apply(table, file_of)
         return table, read_rows, [note] if note else []
 
 

@@ -274,10 +274,7 @@ def _close(w: Window, last: bool, check_late: bool, ctx: _Context) -> tuple[pa.T
     if not len(w.r_eid):
         return None, batch
     keep = ~closed[w.r_eid]
-
-    def strings(codes: np.ndarray, dictionary: np.ndarray) -> pa.Array:
-        return pa.array(np.append(np.asarray(dictionary, dtype=object), None)[codes[keep]], pa.string())
-
+    strings = lambda codes, dictionary: _strings(codes, dictionary, keep)  # noqa: E731
     return pa.table(
         {
             "phase": strings(w.r_phase, w.phases),
@@ -300,18 +297,21 @@ def _close(w: Window, last: bool, check_late: bool, ctx: _Context) -> tuple[pa.T
     ), batch
 
 
+def _strings(codes: np.ndarray, dictionary: np.ndarray, keep: np.ndarray) -> pa.Array:
+    """The ``keep`` rows of an integer-coded string column as plain strings (a filtered
+    dictionary column would drag every id ever read into the next window)."""
+    return pa.array(np.append(np.asarray(dictionary, dtype=object), None)[codes[keep]], pa.string())
+
+
 def _carry_batch(w: Window, keep: np.ndarray) -> pa.Table | None:
-    """The batch rows of episodes still open, as a ``batch_rewards`` table (strings plain:
-    a filtered dictionary column would drag every id ever read into the next window)."""
+    """The batch rows of episodes still open, as a ``batch_rewards`` table."""
     if not keep.any():
         return None
 
-    def strings(codes: np.ndarray, dictionary: np.ndarray) -> pa.Array:
-        return pa.array(np.append(np.asarray(dictionary, dtype=object), None)[codes[keep]], pa.string()).dictionary_encode()
-
+    strings = lambda codes, dictionary: _strings(codes, dictionary, keep)  # noqa: E731
     return pa.table(
         {
-            "phase": pa.array([Phase.TRAIN.value] * int(keep.sum()), pa.string()).dictionary_encode(),
+            "phase": pa.array([Phase.TRAIN.value] * int(keep.sum()), pa.string()),
             "runner_id": strings(w.b_runner, w.runners),
             "episode_id": strings(w.b_episode, w.episodes),
             "chunk_seq": pa.array(w.b_chunk[keep], pa.int64()),
